@@ -17,7 +17,7 @@ from .update import ModelEMA
 from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
-__all__ = ['EMACallback', 'before_fit', 'before_batch', 'after_cancel_step', 'after_step', 'after_batch', 'after_fit',
+__all__ = ['EMACallback', 'before_fit', 'before_train', 'after_cancel_step', 'after_cancel_batch', 'after_batch', 'after_fit',
            'EMASchedule']
 
 # %% ../nbs/02_callback.ipynb #fdcae810
@@ -43,6 +43,11 @@ def _check_flag(v, name):
     if not isinstance(v, bool): raise TypeError(f'{name} must be True or False, got {v!r}')
     return v
 
+class _Progress:
+    "Mutable per-fit state of an EMA callback"
+    __slots__ = ('started', 'skipped', 'steps', 'updates', 'last_decay', 'decay')
+    def __init__(self): self.started,self.skipped,self.steps,self.updates,self.last_decay,self.decay = False,False,0,0,None,None
+
 class EMACallback(Callback):
     "Keep an exponential moving average of the model's weights, updated after every optimizer step"
     order,run_valid = MixedPrecision.order+1,False
@@ -61,6 +66,7 @@ class EMACallback(Callback):
         update_every:int=1, # Update on every `update_every`-th optimizer step, with `decay**update_every`
         ema_dtype:torch.dtype|None=None, # EMA dtype; `None`: float32 for fp16/bf16 tensors, else the model's
     ):
+        self._p = _Progress()
         if half_life is not None:
             if decay is not _DECAY: raise ValueError('pass either decay or half_life, not both')
             decay = half_life_decay(half_life)
@@ -71,9 +77,14 @@ class EMACallback(Callback):
         for n in ('validate_ema','replace_weights','resume','all_parameters','all_buffers','skip_ema'):
             setattr(self, n, _check_flag(locals()[n], n))
         if foreach is not None: _check_flag(foreach, 'foreach')
-        self.foreach = foreach
-        self.averager,self.started,self.last_decay = None,False,None
-        self.steps,self.updates = 0,0
+        self.foreach,self.averager = foreach,None
+
+    # Per-step state lives in `_p`, a slotted object: fastai's `Callback.__setattr__` looks every name up on the
+    # Learner (tens of microseconds per batch through its attribute chain), which the hot path must not pay.
+    started = property(lambda self: self._p.started, doc="Whether the EMA has started in this fit")
+    steps = property(lambda self: self._p.steps, doc="Optimizer steps counted since the EMA started")
+    updates = property(lambda self: self._p.updates, doc="EMA updates applied")
+    last_decay = property(lambda self: self._p.last_decay, doc="Decay applied at the latest update (`None` before one)")
 
     @property
     def ema_model(self) -> nn.Module|None:
@@ -93,13 +104,17 @@ class EMACallback(Callback):
 # %% ../nbs/02_callback.ipynb #41260dea
 @torch.no_grad()
 def _begin(self:EMACallback):
-    "Start the EMA from the model's current weights"
-    if not self.resumed: self.averager.reset()
-    self.started = True
+    "Start the EMA from the model's current weights (an EMA carried over by `resume` is kept)"
+    if not self.resume: self.averager.reset()
+    self._p.started = True
 
 def _validate_on_ema(self:EMACallback, *args, **kwargs):
     "fastai's `_do_epoch_validate`, on the EMA weights when they are due, always restoring the training weights"
-    swap = self.run and self.validate_ema and self.started and self.averager is not None
+    orig = self._orig_validate
+    if self.learn is not orig.__self__:   # left behind by a fit that ended in an exception, and the callback removed
+        self._remove_validate(orig.__self__)
+        return orig(*args, **kwargs)
+    swap = self.run and self.validate_ema and self._p.started and self.averager is not None
     if swap: self.averager.swap()
     try: return self._orig_validate(*args, **kwargs)
     finally:
@@ -109,8 +124,10 @@ def _install_validate(self:EMACallback):
     self._orig_validate = type(self.learn)._do_epoch_validate.__get__(self.learn)
     self.learn._do_epoch_validate = self._validate_on_ema
 
-def _remove_validate(self:EMACallback):
-    if self.learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del self.learn.__dict__['_do_epoch_validate']
+def _remove_validate(self:EMACallback, learn=None):
+    learn = self.learn if learn is None else learn
+    if learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del learn.__dict__['_do_epoch_validate']
+    self._orig_validate = None
 
 EMACallback._begin,EMACallback._validate_on_ema = _begin,_validate_on_ema
 EMACallback._install_validate,EMACallback._remove_validate = _install_validate,_remove_validate
@@ -128,35 +145,43 @@ def _setup(self:EMACallback):
     self.averager = ModelEMA(self.learn.model, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
                              ema_device=self.ema_device, ema_dtype=self.ema_dtype, foreach=self.foreach,
                              module=prev if self.resume else None)
-    self.resumed,self.started,self.last_decay = self.resume,False,None
-    if not self.resume: self.steps,self.updates = 0,0
-    self._pct,self._stepped,self._cancelled = 0.,False,False
+    p = self._p
+    p.started,p.skipped,p.last_decay = False,False,None
+    if not self.resume: p.steps,p.updates = 0,0
+
+def _pct(learn, batches_done) -> float:
+    "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
+    return (learn.epoch*learn.n_iter + batches_done)/(learn.n_epoch*learn.n_iter)
 
 def before_fit(self:EMACallback):
     if self._inert(): self.run = False; return   # fastai sets `run` back to True after `after_fit`
     self._setup()
     self._install_validate()
 
-def before_batch(self:EMACallback):
-    learn = self.learn
-    self._pct = (learn.epoch*learn.n_iter + learn.iter)/(learn.n_epoch*learn.n_iter)
-    if not self.started and self._pct + 1e-9 >= self._start_pct: self._begin()
-    self._stepped = self._cancelled = False
+def before_train(self:EMACallback):
+    "The EMA can start at an epoch boundary (this also covers `fit(start_epoch=k)`)"
+    if not self._p.started and self.learn.epoch/self.learn.n_epoch + 1e-9 >= self._start_pct: self._begin()
 
-def after_cancel_step(self:EMACallback): self._cancelled = True
-def after_step(self:EMACallback): self._stepped = not self._cancelled
+def after_cancel_step(self:EMACallback): self._p.skipped = True
+def after_cancel_batch(self:EMACallback): self._p.skipped = True
 
 def after_batch(self:EMACallback):
-    if not self.started or (self.skip_ema and not self._stepped): return
-    self.steps += 1
-    if self.steps % self.update_every: return
-    decay = interval_decay(self.decay_at(self._pct), self.update_every)
+    "Count the batch's optimizer step and update the EMA when one is due; or start the EMA for the next batch"
+    p,learn = self._p,self.learn
+    skipped,p.skipped = p.skipped,False
+    if not p.started:
+        if _pct(learn, learn.iter+1) + 1e-9 >= self._start_pct: self._begin()
+        return
+    if self.skip_ema and (skipped or not learn.yb): return   # no optimizer step happened in this batch
+    p.steps += 1
+    if p.steps % self.update_every: return
+    decay = interval_decay(self.decay_at(_pct(learn, learn.iter)), self.update_every)
     self.averager.update(decay)
-    self.last_decay,self.updates = decay,self.updates+1
+    p.last_decay,p.updates = decay,p.updates+1
 
 def after_fit(self:EMACallback):
     self._remove_validate()
-    if not self.started:
+    if not self._p.started:
         warnings.warn('EMACallback: the EMA never started in this fit, learn.model_ema is left as it was')
         return
     self.averager.unswap()
@@ -164,7 +189,8 @@ def after_fit(self:EMACallback):
     self.learn.model_ema = self.averager.module
     if self.replace_weights: self.averager.copy_to_model()
 
-for f in (_setup, before_fit, before_batch, after_cancel_step, after_step, after_batch, after_fit): setattr(EMACallback, f.__name__, f)
+for f in (_setup, before_fit, before_train, after_cancel_step, after_cancel_batch, after_batch, after_fit):
+    setattr(EMACallback, f.__name__, f)
 
 # %% ../nbs/02_callback.ipynb #6ec94b76
 @delegates(EMACallback.__init__, but=['decay', 'half_life', 'start'])
@@ -190,6 +216,9 @@ class EMASchedule(EMACallback):
             raise ValueError(f'start ({self.start}) must not be after finish ({self.finish})')
         self.decay = self.start_decay
 
+    decay = property(lambda self: self._p.decay, lambda self, v: setattr(self._p, 'decay', v),
+                     doc="Decay in force: the schedule's value at the latest update")
+
     def _setup(self):
         super()._setup()
         self._finish_pct = as_fraction(self.finish, self.learn.n_epoch)
@@ -201,5 +230,5 @@ class EMASchedule(EMACallback):
 
     def decay_at(self, pct:float) -> float:
         "Scheduled decay at `pct` of training"
-        self.decay = float(self._sched(progress(pct, self._start_pct, self._finish_pct)))
-        return self.decay
+        d = self._p.decay = float(self._sched(progress(pct, self._start_pct, self._finish_pct)))
+        return d

@@ -108,16 +108,18 @@ class EMAPairs:
             if m.shape!=e.shape: raise ValueError(f'shape mismatch: model {tuple(m.shape)} vs EMA {tuple(e.shape)}')
         self.foreach = hasattr(torch, '_foreach_lerp_') if foreach is None else bool(foreach)
         self.model,self.ema = list(model_tensors),list(ema_tensors)
+        # kind -> (EMA tensors, detached aliases of the model tensors), built once. The aliases share the model's
+        # storage but not its autograd state, so the update needs no `no_grad` context (half a tiny model's step).
         self.groups = {}
-        for m,e in zip(self.model, self.ema): self.groups.setdefault(_kind(e, m), ([],[]))[0].append(e)
-        for k in self.groups: self.groups[k] = (self.groups[k][0], [m for m,e in zip(self.model, self.ema) if _kind(e,m)==k])
+        for m,e in zip(self.model, self.ema):
+            ema,model = self.groups.setdefault(_kind(e, m), ([],[]))
+            ema.append(e); model.append(m.detach())
         if 'remote' in self.groups:
             ema, model = self.groups['remote']
             self.staging = [torch.empty_like(m, device=e.device, dtype=e.dtype) for e,m in zip(ema, model)]
 
     def __len__(self): return len(self.model)
 
-    @torch.no_grad()
     def lerp_(self,
         weight:float, # Weight of the model: `1-decay`
     ):
@@ -132,7 +134,7 @@ class EMAPairs:
     @torch.no_grad()
     def copy_(self):
         "Set every EMA tensor to its model tensor"
-        _copy_(self.ema, self.model, self.foreach)
+        if self.model: _copy_(self.ema, self.model, self.foreach)   # foreach kernels refuse empty lists
 
 # %% ../nbs/00_update.ipynb #b3b0828d
 class ModelEMA:
@@ -199,7 +201,7 @@ class ModelEMA:
     def copy_to_model(self):
         "Write the EMA weights into the model for good, cast to its dtypes and devices"
         self.unswap()
-        _copy_(self.avg.model, self.avg.ema, self.avg.foreach)
+        if len(self.avg): _copy_(self.avg.model, self.avg.ema, self.avg.foreach)
 
 # %% ../nbs/00_update.ipynb #150b093e
 def check_compatible(
