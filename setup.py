@@ -10,7 +10,7 @@ cfg = cfg['DEFAULT']
 
 def reqs(key): return cfg.get(key, '').split()
 
-extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'wandb', 'tensorboard')}
+extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'wandb', 'tensorboard', 'bench')}
 extras['all'] = sorted({r for v in extras.values() for r in v})
 scripts = [s.strip() for s in cfg.get('console_scripts', '').split('\n') if s.strip()]
 

@@ -1,0 +1,32 @@
+"The benchmark scripts run end to end in their quick mode (a smoke test: no timing is asserted)."
+import json, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def _run(script, tmp_path, *args):
+    out = subprocess.run([sys.executable, str(ROOT/'benchmarks'/script), '--quick', '--out', str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+def test_help():
+    for script in ('ema_step.py', 'fit_overhead.py'):
+        out = subprocess.run([sys.executable, str(ROOT/'benchmarks'/script), '--help'], capture_output=True, text=True)
+        assert out.returncode == 0 and '--quick' in out.stdout, out.stderr
+
+def test_ema_step_quick(tmp_path):
+    out = _run('ema_step.py', tmp_path)
+    assert '| one-pass bound (µs) |' in out and '| fastxtend_ema |' in out
+    data = json.loads((tmp_path/'ema_step_cpu_fp32_quick.json').read_text())
+    for r in data['rows']:
+        assert r['bound_us'] > 0 and r['fastxtend_ema'] > 0 and r['fastxtend 0.1.7 (foreach)'] > 0
+        assert r['fastxtend_ema alloc bytes'] == 0   # no temporary allocated by the step
+    assert (tmp_path/'ema_step_cpu_fp32_quick.png').stat().st_size > 1000
+
+def test_fit_overhead_quick(tmp_path):
+    out = _run('fit_overhead.py', tmp_path)
+    assert '| fastxtend_ema EMASchedule |' in out
+    data = json.loads((tmp_path/'fit_overhead_quick.json').read_text())
+    assert {r['variant'] for r in data['rows']} >= {'no EMA', 'fastxtend_ema EMASchedule', 'fastxtend 0.1.7 EMACallback(foreach=True)'}
+    assert (tmp_path/'fit_overhead_quick.png').stat().st_size > 1000
