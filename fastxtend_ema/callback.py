@@ -147,7 +147,8 @@ def _setup(self:EMACallback):
                              module=prev if self.resume else None)
     p = self._p
     p.started,p.skipped,p.last_decay = False,False,None
-    if not self.resume: p.steps,p.updates = 0,0
+    # a resumed EMA carries its step count (kept on the module), so `update_every` stays in phase across fits
+    p.steps,p.updates = (getattr(prev, '_ema_steps', 0),getattr(prev, '_ema_updates', 0)) if self.resume else (0,0)
 
 def _pct(learn, batches_done) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
@@ -186,7 +187,8 @@ def after_fit(self:EMACallback):
         return
     self.averager.unswap()
     self.averager.sync_copied()
-    self.learn.model_ema = self.averager.module
+    m = self.learn.model_ema = self.averager.module
+    m._ema_steps,m._ema_updates = self._p.steps,self._p.updates
     if self.replace_weights: self.averager.copy_to_model()
 
 for f in (_setup, before_fit, before_train, after_cancel_step, after_cancel_batch, after_batch, after_fit):
