@@ -8,12 +8,13 @@ import warnings
 from functools import partial
 import torch
 from torch import nn
-from fastcore.basics import store_attr
+from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
-from .update import ModelEMA
+from .update import ModelEMA, unwrap_model
+from .logging import log_dispatch
 from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
@@ -45,8 +46,8 @@ def _check_flag(v, name):
 
 class _Progress:
     "Mutable per-fit state of an EMA callback"
-    __slots__ = ('started', 'skipped', 'steps', 'updates', 'last_decay', 'decay')
-    def __init__(self): self.started,self.skipped,self.steps,self.updates,self.last_decay,self.decay = False,False,0,0,None,None
+    __slots__ = ('started', 'skipped', 'steps', 'updates', 'last_decay', 'decay', 'ld')
+    def __init__(self): self.started,self.skipped,self.steps,self.updates,self.last_decay,self.decay,self.ld = False,False,0,0,None,None,None
 
 class EMACallback(Callback):
     "Keep an exponential moving average of the model's weights, updated after every optimizer step"
@@ -77,7 +78,9 @@ class EMACallback(Callback):
         for n in ('validate_ema','replace_weights','resume','all_parameters','all_buffers','skip_ema'):
             setattr(self, n, _check_flag(locals()[n], n))
         if foreach is not None: _check_flag(foreach, 'foreach')
-        self.foreach,self.averager = foreach,None
+        self.foreach,self.averager,self._pending = foreach,None,None
+        from fastxtend_ema.checkpoint import install_checkpoint_hooks   # lazily: importing the package changes nothing
+        install_checkpoint_hooks()
 
     # Per-step state lives in `_p`, a slotted object: fastai's `Callback.__setattr__` looks every name up on the
     # Learner (tens of microseconds per batch through its attribute chain), which the hot path must not pay.
@@ -105,7 +108,7 @@ class EMACallback(Callback):
 @torch.no_grad()
 def _begin(self:EMACallback):
     "Start the EMA from the model's current weights (an EMA carried over by `resume` is kept)"
-    if not self.resume: self.averager.reset()
+    if not (self.resume and self.averager.module is getattr(self.learn, 'model_ema', None)): self.averager.reset()
     self._p.started = True
 
 def _validate_on_ema(self:EMACallback, *args, **kwargs):
@@ -140,15 +143,18 @@ def _setup(self:EMACallback):
     if self._start_pct >= 1:
         warnings.warn(f'EMACallback: start={self.start} is at or after the end of this {n_epoch}-epoch fit; the EMA will not start')
     prev = getattr(self.learn, 'model_ema', None)
-    if self.resume and prev is None:
+    if self.resume and prev is None and self._pending is None:
         raise ValueError('resume=True continues from learn.model_ema, but this Learner has none: fit once without resume first')
-    self.averager = ModelEMA(self.learn.model, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
+    pending,self._pending = self._pending,None   # EMA state from `learn.load`, if any
+    resume = self.resume and pending is None
+    self.averager = ModelEMA(unwrap_model(self.learn.model), all_parameters=self.all_parameters, all_buffers=self.all_buffers,
                              ema_device=self.ema_device, ema_dtype=self.ema_dtype, foreach=self.foreach,
-                             module=prev if self.resume else None)
+                             module=prev if resume else None)
     p = self._p
     p.started,p.skipped,p.last_decay = False,False,None
     # a resumed EMA carries its step count (kept on the module), so `update_every` stays in phase across fits
-    p.steps,p.updates = (getattr(prev, '_ema_steps', 0),getattr(prev, '_ema_updates', 0)) if self.resume else (0,0)
+    p.steps,p.updates = (getattr(prev, '_ema_steps', 0),getattr(prev, '_ema_updates', 0)) if resume else (0,0)
+    if isinstance(pending, dict): self._restore(pending)
 
 def _pct(learn, batches_done) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
@@ -158,6 +164,7 @@ def before_fit(self:EMACallback):
     if self._inert(): self.run = False; return   # fastai sets `run` back to True after `after_fit`
     self._setup()
     self._install_validate()
+    self._p.ld = log_dispatch(self.learn)   # None without a W&B/TensorBoard logger: then logging costs one check per batch
 
 def before_train(self:EMACallback):
     "The EMA can start at an epoch boundary (this also covers `fit(start_epoch=k)`)"
@@ -171,14 +178,17 @@ def after_batch(self:EMACallback):
     p,learn = self._p,self.learn
     skipped,p.skipped = p.skipped,False
     if not p.started:
+        decay = 0.   # before the start the EMA is the model
         if _pct(learn, learn.iter+1) + 1e-9 >= self._start_pct: self._begin()
-        return
-    if self.skip_ema and (skipped or not learn.yb): return   # no optimizer step happened in this batch
-    p.steps += 1
-    if p.steps % self.update_every: return
-    decay = interval_decay(self.decay_at(_pct(learn, learn.iter)), self.update_every)
-    self.averager.update(decay)
-    p.last_decay,p.updates = decay,p.updates+1
+    else:
+        decay = 1.   # no update: the EMA keeps all of itself
+        if not (self.skip_ema and (skipped or not learn.yb)):   # an optimizer step happened in this batch
+            p.steps += 1
+            if p.steps % self.update_every == 0:
+                decay = interval_decay(self.decay_at(_pct(learn, learn.iter)), self.update_every)
+                self.averager.update(decay)
+                p.last_decay,p.updates = decay,p.updates+1
+    if p.ld is not None: p.ld.log(ema_decay=decay)
 
 def after_fit(self:EMACallback):
     self._remove_validate()
@@ -193,6 +203,35 @@ def after_fit(self:EMACallback):
 
 for f in (_setup, before_fit, before_train, after_cancel_step, after_cancel_batch, after_batch, after_fit):
     setattr(EMACallback, f.__name__, f)
+
+# %% ../nbs/02_callback.ipynb #2769c6ce
+_STATE_KEYS = {'format', 'callback', 'started', 'steps', 'updates', 'tensors'}
+
+@patch
+def ema_checkpoint_state(self:EMACallback) -> dict|None:
+    "The EMA's tensors and counters for a checkpoint (tensors and plain Python values), or `None` before any fit"
+    if self.averager is None: return None
+    p = self._p
+    return dict(format=1, callback=type(self).__name__, started=bool(p.started), steps=int(p.steps), updates=int(p.updates),
+                tensors=self.averager.state_dict())
+
+@patch
+def _restore(self:EMACallback, state:dict):
+    self.averager.load_state_dict(state['tensors'])
+    p = self._p
+    p.started,p.steps,p.updates = state['started'],state['steps'],state['updates']
+
+@patch
+def load_ema_checkpoint(self:EMACallback,
+    state:dict|None, # From `ema_checkpoint_state`; `None` for a checkpoint without EMA state
+):
+    "Continue from `state` (now if this callback holds an EMA, and at the next fit); `None`: start from the model's weights"
+    if state is not None and set(state) != _STATE_KEYS:
+        raise ValueError(f'not an EMA checkpoint state: keys {sorted(state)}, expected {sorted(_STATE_KEYS)}')
+    if self.averager is not None:
+        if state is None: self.averager.reset()
+        else: self._restore(state)
+    self._pending = state if state is not None else 'model'
 
 # %% ../nbs/02_callback.ipynb #6ec94b76
 @delegates(EMACallback.__init__, but=['decay', 'half_life', 'start'])

@@ -9,7 +9,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['select_tensors', 'ema_dtype_for', 'named_tensors', 'make_ema_module', 'EMAPairs', 'ModelEMA', 'check_compatible']
+__all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'named_tensors', 'make_ema_module', 'EMAPairs', 'ModelEMA',
+           'check_compatible', 'check_state']
 
 # %% ../nbs/00_update.ipynb #69f2f21e
 def _persistent_buffer_names(model:nn.Module) -> set[str]:
@@ -31,6 +32,16 @@ def select_tensors(
     for n,b in model.named_buffers():
         (avg if b.is_floating_point() and (all_buffers or n in persistent) else cpy).append(n)
     return avg, cpy
+
+# %% ../nbs/00_update.ipynb #9569b9cd
+def unwrap_model(
+    model:nn.Module, # A model, possibly wrapped by `torch.compile`, `DataParallel` or `DistributedDataParallel`
+) -> nn.Module:
+    "The plain module inside compile and data-parallel wrappers"
+    while True:
+        if isinstance(getattr(model, '_orig_mod', None), nn.Module): model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)): model = model.module
+        else: return model
 
 # %% ../nbs/00_update.ipynb #79de13a0
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -197,6 +208,23 @@ class ModelEMA:
             else: m.copy_(next(saved))
         self._saved,self.swapped = None,False
 
+    def state_dict(self) -> dict[str,Tensor]:
+        "The EMA's tensors by the plain model's names (copied tensors synced first); never the swapped-in training weights"
+        if self.swapped: raise RuntimeError('the EMA is swapped into the model: call unswap() before state_dict()')
+        self.sync_copied()
+        return {n:t.detach() for n,t in self.module.state_dict().items()}
+
+    @torch.no_grad()
+    def load_state_dict(self,
+        state:dict[str,Tensor], # EMA tensors by name, from `state_dict`
+    ):
+        "Load EMA tensors in place (cast to the EMA's dtypes), after checking names and shapes; nothing changes on a mismatch"
+        check_state(self.module, state, 'EMA checkpoint')
+        was = self.swapped
+        self.unswap()
+        self.module.load_state_dict(state)
+        if was: self.swap()
+
     @torch.no_grad()
     def copy_to_model(self):
         "Write the EMA weights into the model for good, cast to its dtypes and devices"
@@ -209,9 +237,21 @@ def check_compatible(
     module:nn.Module, # A module meant to hold its EMA
 ):
     "Raise a `ValueError` naming the tensors where `module` does not match `model`'s names and shapes"
-    mt,et = named_tensors(model),named_tensors(module)
-    missing,unexpected = sorted(set(mt)-set(et)),sorted(set(et)-set(mt))
-    shapes = sorted(n for n in set(mt)&set(et) if mt[n].shape!=et[n].shape)
-    if missing or unexpected or shapes:
-        raise ValueError('EMA module does not match the model: ' + '; '.join(f'{k}: {v[:8]}' for k,v in
-            (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)) if v))
+    check_state(model, module.state_dict(), 'EMA module')
+
+def check_state(
+    module:nn.Module, # The module a state dict is meant for
+    state:dict, # The state dict
+    what:str='checkpoint', # What to call it in the error message
+    strict:bool=True, # Also refuse missing and unexpected names (shapes are always checked)
+):
+    "Raise a `ValueError` naming the keys where `state` does not fit `module`, before anything is loaded"
+    ref = module.state_dict()
+    missing,unexpected = sorted(set(ref)-set(state)),sorted(set(state)-set(ref))
+    shapes = sorted(f'{n} {tuple(state[n].shape)} vs {tuple(ref[n].shape)}' for n in set(ref)&set(state)
+                    if hasattr(state[n], 'shape') and state[n].shape!=ref[n].shape)
+    problems = [('shape mismatch (checkpoint vs model)', shapes)] + ([('missing', missing), ('unexpected', unexpected)] if strict else [])
+    problems = [(k,v) for k,v in problems if v]
+    if problems:
+        raise ValueError(f'{what} does not fit this model: ' + '; '.join(
+            f'{k}: {", ".join(v[:10])}{f" (+{len(v)-10} more)" if len(v)>10 else ""}' for k,v in problems))
