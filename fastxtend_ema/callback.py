@@ -10,16 +10,18 @@ import torch
 from torch import nn
 from fastcore.basics import patch
 from fastcore.meta import delegates
+from copy import deepcopy
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import Metric, AvgLoss, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
 from .update import ModelEMA, unwrap_model
 from .logging import log_dispatch
-from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
+from .decay import PowerDecay, ThresholdDecay, ExpDecay, check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
 __all__ = ['EMACallback', 'before_fit', 'before_train', 'after_cancel_step', 'after_cancel_batch', 'after_batch', 'after_fit',
-           'EMASchedule']
+           'EMAMetricValue', 'EMASchedule']
 
 # %% ../nbs/02_callback.ipynb #fdcae810
 class _DefaultDecay(float):
@@ -40,8 +42,8 @@ def _check_dtype(ema_dtype):
         raise TypeError(f'ema_dtype must be a floating torch.dtype (e.g. torch.float32), got {ema_dtype!r}')
     return ema_dtype
 
-def _check_flag(v, name):
-    if not isinstance(v, bool): raise TypeError(f'{name} must be True or False, got {v!r}')
+def _check_flag(v, name, also=''):
+    if not isinstance(v, bool): raise TypeError(f'{name} must be True or False{also}, got {v!r}')
     return v
 
 class _Progress:
@@ -53,10 +55,10 @@ class EMACallback(Callback):
     "Keep an exponential moving average of the model's weights, updated after every optimizer step"
     order,run_valid = MixedPrecision.order+1,False
     def __init__(self,
-        decay:float=_DECAY, # Weight kept from the previous EMA at each update, in [0, 1)
+        decay:float=_DECAY, # Weight kept from the previous EMA at each update, in [0, 1); or a form `f(step, total)`
         start:float|int=0, # Start the EMA at this fraction of training (float) or epoch (int)
         ema_device:torch.device|str|None=None, # Where the EMA lives; `None`: the model's device
-        validate_ema:bool=True, # Validate on the EMA weights during fit
+        validate_ema:bool|str=True, # Validate on the EMA weights during fit; `'both'`: raw and EMA, side by side
         replace_weights:bool=False, # Write the EMA weights into `learn.model` at the end of fit
         foreach:bool|None=None, # Fused multi-tensor update; `None`: fastest available, `False`: per-tensor loop
         resume:bool=False, # Continue from `learn.model_ema` instead of starting a new EMA
@@ -71,11 +73,13 @@ class EMACallback(Callback):
         if half_life is not None:
             if decay is not _DECAY: raise ValueError('pass either decay or half_life, not both')
             decay = half_life_decay(half_life)
-        self.decay = check_decay(decay)
+        self.decay = decay if callable(decay) else check_decay(decay)
         self.half_life,self.start = half_life,check_when(start, 'start')
         self.ema_device,self.ema_dtype = _check_device(ema_device),_check_dtype(ema_dtype)
         self.update_every = check_every(update_every)
-        for n in ('validate_ema','replace_weights','resume','all_parameters','all_buffers','skip_ema'):
+        if validate_ema != 'both': _check_flag(validate_ema, 'validate_ema', " (or 'both')")
+        self.validate_ema = validate_ema
+        for n in ('replace_weights','resume','all_parameters','all_buffers','skip_ema'):
             setattr(self, n, _check_flag(locals()[n], n))
         if foreach is not None: _check_flag(foreach, 'foreach')
         self.foreach,self.averager,self._pending = foreach,None,None
@@ -101,8 +105,9 @@ class EMACallback(Callback):
     def decay_at(self,
         pct:float, # Progress through training, in [0, 1]
     ) -> float:
-        "Per-step decay at `pct` of training (constant here; `EMASchedule` schedules it)"
-        return self.decay
+        "Per-step decay at `pct` of training: `decay`, or `decay(step, total)` for a decay form (`EMASchedule` schedules it)"
+        d = self.decay
+        return d(self._p.steps, self._total) if callable(d) else d
 
 # %% ../nbs/02_callback.ipynb #41260dea
 @torch.no_grad()
@@ -117,7 +122,8 @@ def _validate_on_ema(self:EMACallback, *args, **kwargs):
     if self.learn is not orig.__self__:   # left behind by a fit that ended in an exception, and the callback removed
         self._remove_validate(orig.__self__)
         return orig(*args, **kwargs)
-    swap = self.run and self.validate_ema and self._p.started and self.averager is not None
+    if self.validate_ema == 'both' and self.run and self.averager is not None: self._score_ema(*args, **kwargs)
+    swap = self.run and self.validate_ema is True and self._p.started and self.averager is not None
     if swap: self.averager.swap()
     try: return self._orig_validate(*args, **kwargs)
     finally:
@@ -139,7 +145,7 @@ EMACallback._install_validate,EMACallback._remove_validate = _install_validate,_
 def _setup(self:EMACallback):
     "Build the EMA for this fit"
     n_epoch = self.learn.n_epoch
-    self._start_pct = as_fraction(self.start, n_epoch)
+    self._prepare(n_epoch, len(self.learn.dls.train))
     if self._start_pct >= 1:
         warnings.warn(f'EMACallback: start={self.start} is at or after the end of this {n_epoch}-epoch fit; the EMA will not start')
     prev = getattr(self.learn, 'model_ema', None)
@@ -156,13 +162,22 @@ def _setup(self:EMACallback):
     p.steps,p.updates = (getattr(prev, '_ema_steps', 0),getattr(prev, '_ema_updates', 0)) if resume else (0,0)
     if isinstance(pending, dict): self._restore(pending)
 
+def _prepare(self:EMACallback, n_epoch:int, n_iter:int):
+    "Positions that depend on the fit's length"
+    self._start_pct,self._total = as_fraction(self.start, n_epoch),n_epoch*n_iter
+    if callable(self.decay):
+        for step in (1, self._total): check_decay(float(self.decay(step, self._total)), f'decay({step}, {self._total})')
+EMACallback._prepare = _prepare
+
 def _pct(learn, batches_done) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
     return (learn.epoch*learn.n_iter + batches_done)/(learn.n_epoch*learn.n_iter)
 
 def before_fit(self:EMACallback):
+    _remove_ema_columns(self.learn)   # left by a fit that ended in an exception
     if self._inert(): self.run = False; return   # fastai sets `run` back to True after `after_fit`
     self._setup()
+    if self.validate_ema == 'both': _add_ema_columns(self)
     self._install_validate()
     self._p.ld = log_dispatch(self.learn)   # None without a W&B/TensorBoard logger: then logging costs one check per batch
 
@@ -192,6 +207,7 @@ def after_batch(self:EMACallback):
 
 def after_fit(self:EMACallback):
     self._remove_validate()
+    _remove_ema_columns(self.learn)
     if not self._p.started:
         warnings.warn('EMACallback: the EMA never started in this fit, learn.model_ema is left as it was')
         return
@@ -203,6 +219,51 @@ def after_fit(self:EMACallback):
 
 for f in (_setup, before_fit, before_train, after_cancel_step, after_cancel_batch, after_batch, after_fit):
     setattr(EMACallback, f.__name__, f)
+
+# %% ../nbs/02_callback.ipynb #1caed1ad
+class EMAMetricValue(Metric):
+    "A `Recorder` column holding an EMA score computed by the EMA callback (`validate_ema='both'`)"
+    def __init__(self, name:str): self._name,self.val = name,None
+    @property
+    def name(self): return self._name
+    def reset(self): pass
+    def accumulate(self, learn): pass
+    @property
+    def value(self): return self.val
+
+def _remove_ema_columns(learn):
+    if any(isinstance(m, EMAMetricValue) for m in learn.metrics):
+        learn.metrics = [m for m in learn.metrics if not isinstance(m, EMAMetricValue)]
+
+def _add_ema_columns(self:EMACallback):
+    "EMA loss and metric columns after fastai's own, and copies of the metrics that compute them"
+    learn = self.learn
+    self._ema_mets = [AvgLoss()] + [deepcopy(m) for m in learn.metrics]
+    self._ema_cols = [EMAMetricValue('ema_valid_loss')] + [EMAMetricValue(f'ema_{m.name}') for m in learn.metrics]
+    learn.metrics = list(learn.metrics) + self._ema_cols
+
+@torch.no_grad()
+def _score_ema(self:EMACallback, ds_idx=1, dl=None):
+    "Loss and metrics of the EMA weights on the validation set, into the EMA columns"
+    learn = self.learn
+    dl = learn.dls[ds_idx] if dl is None else dl
+    saved = {k:learn.__dict__.get(k) for k in ('xb','yb','pred','loss','dl','training')}
+    swap = self._p.started
+    if swap: self.averager.swap()
+    try:
+        learn.model.eval(); learn.training = False
+        for m in self._ema_mets: m.reset()
+        for b in dl:
+            learn._split(learn._set_device(b))
+            learn.pred = learn.model(*learn.xb)
+            learn.loss = learn.loss_func(learn.pred, *learn.yb)
+            for m in self._ema_mets: m.accumulate(learn)
+        for col,m in zip(self._ema_cols, self._ema_mets): col.val = _maybe_item(m)
+    finally:
+        if swap: self.averager.unswap()
+        learn.__dict__.update(saved)
+
+EMACallback._score_ema = _score_ema
 
 # %% ../nbs/02_callback.ipynb #2769c6ce
 _STATE_KEYS = {'format', 'callback', 'started', 'steps', 'updates', 'tensors'}
@@ -260,16 +321,69 @@ class EMASchedule(EMACallback):
     decay = property(lambda self: self._p.decay, lambda self, v: setattr(self._p, 'decay', v),
                      doc="Decay in force: the schedule's value at the latest update")
 
-    def _setup(self):
-        super()._setup()
-        self._finish_pct = as_fraction(self.finish, self.learn.n_epoch)
+    def _prepare(self, n_epoch:int, n_iter:int):
+        super()._prepare(n_epoch, n_iter)
+        self._finish_pct = as_fraction(self.finish, n_epoch)
         if self._start_pct > self._finish_pct:
-            raise ValueError(f'start ({self.start}) is after finish ({self.finish}) in this {self.learn.n_epoch}-epoch fit')
+            raise ValueError(f'start ({self.start}) is after finish ({self.finish}) in this {n_epoch}-epoch fit')
         self._sched = self.schedule(self.start_decay, self.final_decay)
         for pos in (0., 1.): check_decay(float(self._sched(pos)), f'schedule(start_decay, final_decay)({pos})')
+
+    def _setup(self):
+        super()._setup()
         self.decay = self.start_decay
 
     def decay_at(self, pct:float) -> float:
         "Scheduled decay at `pct` of training"
         d = self._p.decay = float(self._sched(progress(pct, self._start_pct, self._finish_pct)))
         return d
+
+# %% ../nbs/02_callback.ipynb #1d4f968b
+@patch
+def decay_schedule(self:EMACallback,
+    n_epoch:int, # Epochs of the fit
+    n_iter:int, # Training batches per epoch
+) -> list[float]:
+    "Per-step decay at every training batch of such a fit (0 before the EMA starts)"
+    keep = self._p.decay,self._p.steps
+    self._prepare(n_epoch, n_iter)
+    res,n = [],0   # every batch taken as an optimizer step; `n` counts them from the EMA's start
+    for b in range(n_epoch*n_iter):
+        pct = b/(n_epoch*n_iter)
+        if pct + 1e-9 < self._start_pct: res.append(0.); continue
+        n += 1; self._p.steps = n
+        res.append(self.decay_at(pct))
+    self._p.decay,self._p.steps = keep
+    return res
+
+@patch
+def plot_decay(self:EMACallback,
+    n_epoch:int|None=None, # Epochs; default: the last fit's
+    n_iter:int|None=None, # Training batches per epoch; default: the Learner's training set
+    ax=None, # Matplotlib axes to draw on
+):
+    "Plot the per-step decay over a fit"
+    import matplotlib.pyplot as plt
+    if n_epoch is None or n_iter is None:
+        if self.learn is None: raise ValueError('pass n_epoch and n_iter, or add the callback to a Learner')
+        n_epoch,n_iter = n_epoch or self.learn.n_epoch,n_iter or len(self.learn.dls.train)
+    d = self.decay_schedule(n_epoch, n_iter)
+    if ax is None: _,ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(len(d)), d)
+    for e in range(1, n_epoch): ax.axvline(e*n_iter, color='grey', ls=':', lw=0.8)
+    ax.set_xlabel('training batch'); ax.set_ylabel('decay'); ax.set_title(f'{type(self).__name__} decay')
+    return ax
+
+@patch
+def plot_valid(self:EMACallback, ax=None):
+    "Plot raw and EMA validation loss per epoch (from a fit with `validate_ema='both'`)"
+    import matplotlib.pyplot as plt
+    rec = self.learn.recorder
+    names = list(rec.metric_names)
+    if 'ema_valid_loss' not in names: raise ValueError("plot_valid needs a fit with validate_ema='both'")
+    vals = [[v[names.index(n)-1] for v in rec.values] for n in ('valid_loss', 'ema_valid_loss')]
+    if ax is None: _,ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(len(vals[0])), vals[0], 'o-', label='raw weights')
+    ax.plot(range(len(vals[1])), vals[1], 'o-', label='EMA weights')
+    ax.set_xlabel('epoch'); ax.set_ylabel('validation loss'); ax.legend()
+    return ax

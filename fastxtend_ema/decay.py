@@ -8,7 +8,8 @@ import math
 from numbers import Integral, Real
 
 # %% auto #0
-__all__ = ['check_decay', 'half_life_decay', 'check_every', 'interval_decay', 'check_when', 'as_fraction', 'progress']
+__all__ = ['check_decay', 'half_life_decay', 'check_every', 'interval_decay', 'check_when', 'as_fraction', 'progress',
+           'PowerDecay', 'ThresholdDecay', 'ExpDecay']
 
 # %% ../nbs/01_decay.ipynb #f2ba744f
 def _real(x, name:str) -> float:
@@ -83,3 +84,40 @@ def progress(
     "Position in [0, 1] of `pct` between `start` and `finish`"
     if finish <= start: return float(pct >= start)
     return min(max((pct-start)/(finish-start), 0.), 1.)
+
+# %% ../nbs/01_decay.ipynb #12f24df7
+class PowerDecay:
+    "Power warmup of timm, diffusers and ema-pytorch: `clamp(1 - (1 + (step-1)/inv_gamma)**-power, min_decay, decay)`"
+    def __init__(self,
+        decay:float=0.9999, # Largest decay (the warmup's limit)
+        inv_gamma:float=1., # Steps scale of the warmup
+        power:float=2/3, # Warmup exponent: 2/3 suits long trainings, 3/4 short ones (diffusers' advice)
+        min_decay:float=0., # Smallest decay once warmup has begun
+    ):
+        self.decay,self.min_decay = check_decay(decay),check_decay(min_decay, 'min_decay')
+        self.inv_gamma,self.power = _real(inv_gamma, 'inv_gamma'),_real(power, 'power')
+        if self.inv_gamma <= 0: raise ValueError(f'inv_gamma must be > 0, got {inv_gamma}')
+        if self.power <= 0: raise ValueError(f'power must be > 0, got {power}')
+        if self.min_decay > self.decay: raise ValueError(f'min_decay ({min_decay}) must not exceed decay ({decay})')
+    def __call__(self, step:int, total:int|None=None) -> float:
+        s = step - 1
+        if s <= 0: return 0.
+        return min(max(1 - (1 + s/self.inv_gamma)**-self.power, self.min_decay), self.decay)
+    def __repr__(self): return f'PowerDecay(decay={self.decay}, inv_gamma={self.inv_gamma}, power={self.power}, min_decay={self.min_decay})'
+
+class ThresholdDecay:
+    "SuperGradients' `threshold` (and torch_ema's, diffusers' default): `min(decay, (1 + step)/(10 + step))`"
+    def __init__(self, decay:float=0.9999): self.decay = check_decay(decay)
+    def __call__(self, step:int, total:int|None=None) -> float: return min(self.decay, (1 + step)/(10 + step))
+    def __repr__(self): return f'ThresholdDecay(decay={self.decay})'
+
+class ExpDecay:
+    "SuperGradients' `exp`: `decay * (1 - exp(-beta * step/total))`"
+    def __init__(self,
+        decay:float=0.9999, # Limit of the decay
+        beta:float=15., # Speed of the warmup, in units of the whole training
+    ):
+        self.decay,self.beta = check_decay(decay),_real(beta, 'beta')
+        if self.beta <= 0: raise ValueError(f'beta must be > 0, got {beta}')
+    def __call__(self, step:int, total:int) -> float: return self.decay*(1 - math.exp(-self.beta*step/total))
+    def __repr__(self): return f"ExpDecay(decay={self.decay}, beta={self.beta})"

@@ -131,6 +131,19 @@ def test_tensorboard_values_on_the_loggers_steps(tmp_path):
     check_eq([s for s,_ in tb_scalars(tmp_path, 'valid_loss')], probe.epoch_steps)
     check_eq(tb_scalars(tmp_path, 'x_valid'), list(zip(probe.epoch_steps, emitter.sent_valid)))
 
+def test_tensorboard_gets_raw_and_ema_validation_columns(tmp_path):
+    "validate_ema='both': the Recorder's ema_* columns reach TensorBoard at each epoch, with the Recorder's values"
+    from fastai.metrics import mae
+    learn = tb_learner([EMASchedule(0.5, 0.9, finish=0.5, validate_ema='both')], tmp_path)
+    learn.metrics = [mae]
+    fit_quiet(learn, 2)
+    names = list(learn.recorder.metric_names)
+    for name in ('valid_loss', 'ema_valid_loss', 'mae', 'ema_mae'):
+        logged = tb_scalars(tmp_path, name)
+        check_eq([st for st,_ in logged], [6, 12])
+        check_close([v for _,v in logged], [row[names.index(name)-1] for row in learn.recorder.values], eps=1e-5)
+    assert tb_scalars(tmp_path, 'ema_valid_loss') != tb_scalars(tmp_path, 'valid_loss')
+
 def test_rank_other_than_zero_writes_nothing(tmp_path, monkeypatch):
     import fastai.callback.tensorboard as fastai_tb
     monkeypatch.setenv('RANK', '1')
