@@ -5,7 +5,6 @@
 # %% ../nbs/02_callback.ipynb #0b880f17
 from __future__ import annotations
 import warnings
-from functools import partial
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -17,11 +16,10 @@ from fastai.learner import Metric, AvgLoss, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
 from .update import ModelEMA, unwrap_model
 from .logging import log_dispatch
-from .decay import PowerDecay, ThresholdDecay, ExpDecay, check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
+from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
-__all__ = ['EMACallback', 'before_fit', 'before_train', 'after_cancel_step', 'after_cancel_batch', 'after_batch', 'after_fit',
-           'EMAMetricValue', 'EMASchedule']
+__all__ = ['EMACallback', 'EMAMetricValue', 'EMASchedule']
 
 # %% ../nbs/02_callback.ipynb #fdcae810
 class _DefaultDecay(float):
@@ -110,12 +108,14 @@ class EMACallback(Callback):
         return d(self._p.steps, self._total) if callable(d) else d
 
 # %% ../nbs/02_callback.ipynb #41260dea
+@patch
 @torch.no_grad()
 def _begin(self:EMACallback):
     "Start the EMA from the model's current weights (an EMA carried over by `resume` is kept)"
     if not (self.resume and self.averager.module is getattr(self.learn, 'model_ema', None)): self.averager.reset()
     self._p.started = True
 
+@patch
 def _validate_on_ema(self:EMACallback, *args, **kwargs):
     "fastai's `_do_epoch_validate`, on the EMA weights when they are due, always restoring the training weights"
     orig = self._orig_validate
@@ -129,19 +129,19 @@ def _validate_on_ema(self:EMACallback, *args, **kwargs):
     finally:
         if swap: self.averager.unswap()
 
+@patch
 def _install_validate(self:EMACallback):
     self._orig_validate = type(self.learn)._do_epoch_validate.__get__(self.learn)
     self.learn._do_epoch_validate = self._validate_on_ema
 
+@patch
 def _remove_validate(self:EMACallback, learn=None):
     learn = self.learn if learn is None else learn
     if learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del learn.__dict__['_do_epoch_validate']
     self._orig_validate = None
 
-EMACallback._begin,EMACallback._validate_on_ema = _begin,_validate_on_ema
-EMACallback._install_validate,EMACallback._remove_validate = _install_validate,_remove_validate
-
 # %% ../nbs/02_callback.ipynb #76418ad5
+@patch
 def _setup(self:EMACallback):
     "Build the EMA for this fit"
     n_epoch = self.learn.n_epoch
@@ -162,32 +162,37 @@ def _setup(self:EMACallback):
     p.steps,p.updates = (getattr(prev, '_ema_steps', 0),getattr(prev, '_ema_updates', 0)) if resume else (0,0)
     if isinstance(pending, dict): self._restore(pending)
 
+@patch
 def _prepare(self:EMACallback, n_epoch:int, n_iter:int):
     "Positions that depend on the fit's length"
     self._start_pct,self._total = as_fraction(self.start, n_epoch),n_epoch*n_iter
     if callable(self.decay):
         for step in (1, self._total): check_decay(float(self.decay(step, self._total)), f'decay({step}, {self._total})')
-EMACallback._prepare = _prepare
 
 def _pct(learn, batches_done) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
     return (learn.epoch*learn.n_iter + batches_done)/(learn.n_epoch*learn.n_iter)
 
+@patch
 def before_fit(self:EMACallback):
     _remove_ema_columns(self.learn)   # left by a fit that ended in an exception
     if self._inert(): self.run = False; return   # fastai sets `run` back to True after `after_fit`
     self._setup()
-    if self.validate_ema == 'both': _add_ema_columns(self)
+    if self.validate_ema == 'both': self._add_ema_columns()
     self._install_validate()
     self._p.ld = log_dispatch(self.learn)   # None without a W&B/TensorBoard logger: then logging costs one check per batch
 
+@patch
 def before_train(self:EMACallback):
     "The EMA can start at an epoch boundary (this also covers `fit(start_epoch=k)`)"
     if not self._p.started and self.learn.epoch/self.learn.n_epoch + 1e-9 >= self._start_pct: self._begin()
 
+@patch
 def after_cancel_step(self:EMACallback): self._p.skipped = True
+@patch
 def after_cancel_batch(self:EMACallback): self._p.skipped = True
 
+@patch
 def after_batch(self:EMACallback):
     "Count the batch's optimizer step and update the EMA when one is due; or start the EMA for the next batch"
     p,learn = self._p,self.learn
@@ -205,6 +210,7 @@ def after_batch(self:EMACallback):
                 p.last_decay,p.updates = decay,p.updates+1
     if p.ld is not None: p.ld.log(ema_decay=decay)
 
+@patch
 def after_fit(self:EMACallback):
     self._remove_validate()
     _remove_ema_columns(self.learn)
@@ -216,9 +222,6 @@ def after_fit(self:EMACallback):
     m = self.learn.model_ema = self.averager.module
     m._ema_steps,m._ema_updates = self._p.steps,self._p.updates
     if self.replace_weights: self.averager.copy_to_model()
-
-for f in (_setup, before_fit, before_train, after_cancel_step, after_cancel_batch, after_batch, after_fit):
-    setattr(EMACallback, f.__name__, f)
 
 # %% ../nbs/02_callback.ipynb #1caed1ad
 class EMAMetricValue(Metric):
@@ -235,6 +238,7 @@ def _remove_ema_columns(learn):
     if any(isinstance(m, EMAMetricValue) for m in learn.metrics):
         learn.metrics = [m for m in learn.metrics if not isinstance(m, EMAMetricValue)]
 
+@patch
 def _add_ema_columns(self:EMACallback):
     "EMA loss and metric columns after fastai's own, and copies of the metrics that compute them"
     learn = self.learn
@@ -242,6 +246,7 @@ def _add_ema_columns(self:EMACallback):
     self._ema_cols = [EMAMetricValue('ema_valid_loss')] + [EMAMetricValue(f'ema_{m.name}') for m in learn.metrics]
     learn.metrics = list(learn.metrics) + self._ema_cols
 
+@patch
 @torch.no_grad()
 def _score_ema(self:EMACallback, ds_idx=1, dl=None):
     "Loss and metrics of the EMA weights on the validation set, into the EMA columns"
@@ -262,8 +267,6 @@ def _score_ema(self:EMACallback, ds_idx=1, dl=None):
     finally:
         if swap: self.averager.unswap()
         learn.__dict__.update(saved)
-
-EMACallback._score_ema = _score_ema
 
 # %% ../nbs/02_callback.ipynb #2769c6ce
 _STATE_KEYS = {'format', 'callback', 'started', 'steps', 'updates', 'tensors'}
