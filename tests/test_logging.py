@@ -16,7 +16,7 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.losses import MSELossFlat
 from fastai.optimizer import SGD
-from fastxtend_ema.callback import EMASchedule
+from fastxtend_ema.callback import EMACallback, EMASchedule
 from fastxtend_ema.logging import LogDispatch, log_dispatch, patch_fastai_wandb, _wandb_config_broken
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +130,22 @@ def test_tensorboard_values_on_the_loggers_steps(tmp_path):
     check_eq(probe.epoch_steps, [6, 12])
     check_eq([s for s,_ in tb_scalars(tmp_path, 'valid_loss')], probe.epoch_steps)
     check_eq(tb_scalars(tmp_path, 'x_valid'), list(zip(probe.epoch_steps, emitter.sent_valid)))
+
+def test_ema_decay_logged_before_start_on_skipped_steps_and_between_updates(tmp_path):
+    "ema_decay is 0 before the EMA starts, 1 on a batch without an update (skipped step, between updates), else the decay applied"
+    from fastai.callback.core import CancelStepException
+    class CancelAt(Callback):
+        order = 0
+        def before_step(self):
+            if self.learn.train_iter == 8: raise CancelStepException()
+    d = 0.8
+    learn = fit_quiet(tb_learner([CancelAt(), EMACallback(decay=d, start=1, update_every=2)], tmp_path), 2)   # 2 epochs of 6 batches
+    logged = tb_scalars(tmp_path, 'ema_decay')
+    check_eq([st for st,_ in logged], list(range(1, 13)))
+    # batches 0-5: before the start; 6-11: steps 1,2,(8 skipped),3,4,5 with an update every 2nd step
+    expected = [0.]*6 + [1., d**2, 1., 1., d**2, 1.]
+    check_close([v for _,v in logged], expected, eps=1e-6)
+    check_eq(learn.ema.updates, 2)
 
 def test_tensorboard_gets_raw_and_ema_validation_columns(tmp_path):
     "validate_ema='both': the Recorder's ema_* columns reach TensorBoard at each epoch, with the Recorder's values"
