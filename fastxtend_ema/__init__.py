@@ -10,9 +10,10 @@ from importlib.metadata import version as _version, PackageNotFoundError as _Not
 from fastxtend_ema.callback import EMACallback, EMASchedule, SchedCos, SchedLin, SchedExp, SchedPoly
 from fastxtend_ema.update import ModelEMA
 from fastxtend_ema.decay import PowerDecay, ThresholdDecay, ExpDecay
+from fastxtend_ema.distributed import ShardedModelEMA, make_model_ema
 from fastxtend_ema.logging import LogDispatch, log_dispatch, patch_fastai_wandb
 try: __version__ = _version('fastxtend_ema')
 except _NotFound: __version__ = 'unknown'  # a source tree that was never installed
 __all__ = ['EMACallback', 'EMASchedule', 'SchedCos', 'SchedLin', 'SchedExp', 'SchedPoly', 'ModelEMA',
-           'PowerDecay', 'ThresholdDecay', 'ExpDecay',
+           'PowerDecay', 'ThresholdDecay', 'ExpDecay', 'ShardedModelEMA', 'make_model_ema',
            'LogDispatch', 'log_dispatch', 'patch_fastai_wandb']

@@ -16,6 +16,7 @@ from fastai.learner import Metric, AvgLoss, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
 from .update import ModelEMA, unwrap_model
 from .logging import log_dispatch
+from .distributed import make_model_ema
 from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
@@ -112,7 +113,7 @@ class EMACallback(Callback):
 @torch.no_grad()
 def _begin(self:EMACallback):
     "Start the EMA from the model's current weights (an EMA carried over by `resume` is kept)"
-    if not (self.resume and self.averager.module is getattr(self.learn, 'model_ema', None)): self.averager.reset()
+    if not self._resumed: self.averager.reset()
     self._p.started = True
 
 @patch
@@ -153,9 +154,11 @@ def _setup(self:EMACallback):
         raise ValueError('resume=True continues from learn.model_ema, but this Learner has none: fit once without resume first')
     pending,self._pending = self._pending,None   # EMA state from `learn.load`, if any
     resume = self.resume and pending is None
-    self.averager = ModelEMA(unwrap_model(self.learn.model), all_parameters=self.all_parameters, all_buffers=self.all_buffers,
-                             ema_device=self.ema_device, ema_dtype=self.ema_dtype, foreach=self.foreach,
-                             module=prev if resume else None)
+    # ModelEMA, or ShardedModelEMA for an FSDP2 model (each rank averages its own shards: see 06_distributed)
+    self.averager = make_model_ema(unwrap_model(self.learn.model), all_parameters=self.all_parameters,
+                                   all_buffers=self.all_buffers, ema_device=self.ema_device, ema_dtype=self.ema_dtype,
+                                   foreach=self.foreach, module=prev if resume else None)
+    self._resumed = resume
     p = self._p
     p.started,p.skipped,p.last_decay = False,False,None
     # a resumed EMA carries its step count (kept on the module), so `update_every` stays in phase across fits

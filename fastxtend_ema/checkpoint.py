@@ -14,8 +14,9 @@ from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 from fastai.learner import Learner
-from fastai.torch_core import rank_distrib, get_model
+from fastai.torch_core import rank_distrib, distrib_barrier, get_model
 from .update import unwrap_model, check_state, named_tensors
+from .distributed import is_sharded, plain_module
 
 # %% auto #0
 __all__ = ['ema_file', 'learner_ema_state', 'save_with_ema', 'load_with_ema', 'install_checkpoint_hooks']
@@ -53,8 +54,10 @@ def learner_ema_state(learn:Learner) -> dict|None:
 def _set_model_ema(learn:Learner, state:dict):
     "Put `state`'s EMA into `learn.model_ema`, in place if there is one, else in a new copy of the plain model"
     m = getattr(learn, 'model_ema', None)
-    if not isinstance(m, nn.Module):
-        m = deepcopy(unwrap_model(learn.model)).requires_grad_(False).eval()
+    model = unwrap_model(learn.model)
+    if not isinstance(m, nn.Module) and is_sharded(model): m = learn.model_ema = plain_module(model, state['tensors'])
+    elif not isinstance(m, nn.Module):
+        m = deepcopy(model).requires_grad_(False).eval()
         tensors = named_tensors(m)
         with torch.no_grad():   # keep the EMA's own dtypes (fp32 EMA of a bf16 model)
             for n,t in state['tensors'].items(): tensors[n].data = t.to(tensors[n].device).clone()
@@ -72,8 +75,8 @@ def save_with_ema(self:Learner, file, **kwargs) -> Path:
     for a in swapped: a.unswap()
     try:
         path = _fastai_save(self, file, **kwargs)
+        state = learner_ema_state(self)   # on every rank: a sharded (FSDP2) EMA gathers its shards here
         if not rank_distrib():
-            state = learner_ema_state(self)
             if state is None: ema_file(path).unlink(missing_ok=True)   # a stale EMA must not be loaded with new weights
             else: torch.save(state, ema_file(path))
     finally:
@@ -86,6 +89,7 @@ def load_with_ema(self:Learner, file, device=None,
     **kwargs):
     "fastai's `Learner.load`, plus the EMA state; checks names and shapes before loading anything"
     if hasattr(self, 'lr_finder'): return _fastai_load(self, file, device=device, **kwargs)
+    distrib_barrier()   # under DDP, rank 0 may still be writing the files another rank is about to read
     path = join_path_file(file, self.path/self.model_dir, ext='.pth')
     ef = ema_file(path)
     state = _read(ef) if ef.exists() else None

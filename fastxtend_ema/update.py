@@ -119,12 +119,12 @@ class EMAPairs:
             if m.shape!=e.shape: raise ValueError(f'shape mismatch: model {tuple(m.shape)} vs EMA {tuple(e.shape)}')
         self.foreach = hasattr(torch, '_foreach_lerp_') if foreach is None else bool(foreach)
         self.model,self.ema = list(model_tensors),list(ema_tensors)
-        # kind -> (EMA tensors, detached aliases of the model tensors), built once. The aliases share the model's
-        # storage but not its autograd state, so the update needs no `no_grad` context (half a tiny model's step).
+        # kind -> (EMA tensors, model tensors), built once. The model's own tensor objects, not detached aliases: an
+        # alias would keep reading the old storage after `p.data` is replaced (accelerate's `model.to('cpu:0')` does).
         self.groups = {}
         for m,e in zip(self.model, self.ema):
             ema,model = self.groups.setdefault(_kind(e, m), ([],[]))
-            ema.append(e); model.append(m.detach())
+            ema.append(e); model.append(m)
         if 'remote' in self.groups:
             ema, model = self.groups['remote']
             self.staging = [torch.empty_like(m, device=e.device, dtype=e.dtype) for e,m in zip(ema, model)]
@@ -135,12 +135,17 @@ class EMAPairs:
         weight:float, # Weight of the model: `1-decay`
     ):
         "One EMA update: `ema = (1-weight)*ema + weight*model` for every pair"
-        for k,(ema,model) in self.groups.items():
-            if k=='lerp': _lerp_(ema, model, weight, self.foreach)
-            elif k=='mixed': _mixed_(ema, model, weight, self.foreach)
-            else:
-                _copy_(self.staging, model, self.foreach)
-                _lerp_(ema, self.staging, weight, self.foreach)
+        # grad mode switched directly: the `torch.no_grad()` context costs 2 µs, most of a tiny model's step
+        prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            for k,(ema,model) in self.groups.items():
+                if k=='lerp': _lerp_(ema, model, weight, self.foreach)
+                elif k=='mixed': _mixed_(ema, model, weight, self.foreach)
+                else:
+                    _copy_(self.staging, model, self.foreach)
+                    _lerp_(ema, self.staging, weight, self.foreach)
+        finally: torch._C._set_grad_enabled(prev)
 
     @torch.no_grad()
     def copy_(self):
