@@ -35,18 +35,6 @@ def ln_model(seed=0):
 
 def cpu_state(sd): return {k:v.detach().clone().cpu() for k,v in sd.items()}
 
-def apply_proposed_fix():
-    "The fix proposed for `EMAPairs`: pair the model tensors themselves (not detached aliases made once), update under no_grad"
-    from fastxtend_ema import update as U
-    init, lerp = U.EMAPairs.__init__, U.EMAPairs.lerp_
-    def __init__(self, model_tensors, ema_tensors, foreach=None):
-        init(self, model_tensors, ema_tensors, foreach)
-        self.groups = {}
-        for m,e in zip(self.model, self.ema):
-            ema,model = self.groups.setdefault(U._kind(e, m), ([],[]))
-            ema.append(e); model.append(m)
-    U.EMAPairs.__init__, U.EMAPairs.lerp_ = __init__, torch.no_grad()(lerp)
-
 def run_rank(main):
     "Run `main(res)`, save `res` to `<out>/rank<R>.pt` (the first argument), and leave without interpreter teardown"
     out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
