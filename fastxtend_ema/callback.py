@@ -4,7 +4,8 @@
 
 # %% ../nbs/02_callback.ipynb #0b880f17
 from __future__ import annotations
-import warnings
+import sys, warnings
+from contextlib import contextmanager
 import torch
 from torch import nn
 from fastcore.basics import patch
@@ -12,15 +13,15 @@ from fastcore.meta import delegates
 from copy import deepcopy
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import Metric, AvgLoss, _maybe_item
+from fastai.learner import Learner, Metric, AvgLoss, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
 from .update import ModelEMA, unwrap_model
 from .logging import log_dispatch
 from .distributed import make_model_ema
-from .decay import check_decay, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
+from .decay import check_decay, call_user, decay_from, half_life_decay, check_every, interval_decay, check_when, as_fraction, progress
 
 # %% auto #0
-__all__ = ['EMACallback', 'EMAMetricValue', 'EMASchedule']
+__all__ = ['EMACallback', 'EMAHorizonWarning', 'EMAMetricValue', 'EMASchedule']
 
 # %% ../nbs/02_callback.ipynb #fdcae810
 class _DefaultDecay(float):
@@ -32,14 +33,25 @@ def _check_device(ema_device):
     if ema_device is None: return None
     if not isinstance(ema_device, (str, torch.device)):
         raise TypeError(f'ema_device must be a torch.device or a string, got {ema_device!r}')
-    try: return torch.device(ema_device)
+    try: dev = torch.device(ema_device)
     except (RuntimeError, ValueError) as e: raise ValueError(f'ema_device={ema_device!r} is not a device: {e}') from None
+    if dev.type == 'meta': raise ValueError("ema_device='meta' cannot hold values: pass a device with memory, such as 'cpu'")
+    backend = getattr(torch, dev.type, None)   # torch.cuda, torch.mps, torch.xpu, ...: asked without starting the device
+    if dev.type != 'cpu' and callable(getattr(backend, 'is_available', None)):
+        if not backend.is_available(): raise ValueError(f'ema_device={ema_device!r}, but this machine has no {dev.type} device')
+        n = backend.device_count() if callable(getattr(backend, 'device_count', None)) else None
+        if dev.index is not None and n is not None and dev.index >= n:
+            raise ValueError(f'ema_device={ema_device!r}, but this machine has {n} {dev.type} device(s), numbered from 0')
+    elif dev.type != 'cpu':   # a backend torch has no availability check for: try it
+        try: torch.empty(0, device=dev)
+        except Exception as e: raise ValueError(f'ema_device={ema_device!r} cannot be used here: {type(e).__name__}: {str(e)[:120]}') from None
+    return dev
+
+_EMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)   # what the update's arithmetic runs in
 
 def _check_dtype(ema_dtype):
-    if ema_dtype is None: return None
-    if not isinstance(ema_dtype, torch.dtype) or not ema_dtype.is_floating_point:
-        raise TypeError(f'ema_dtype must be a floating torch.dtype (e.g. torch.float32), got {ema_dtype!r}')
-    return ema_dtype
+    if ema_dtype is None or (isinstance(ema_dtype, torch.dtype) and ema_dtype in _EMA_DTYPES): return ema_dtype
+    raise TypeError(f'ema_dtype must be one of torch.float32, float64, bfloat16, float16 (or None), got {ema_dtype!r}')
 
 def _check_flag(v, name, also=''):
     if not isinstance(v, bool): raise TypeError(f'{name} must be True or False{also}, got {v!r}')
@@ -60,7 +72,7 @@ class EMACallback(Callback):
         validate_ema:bool|str=True, # Validate on the EMA weights during fit; `'both'`: raw and EMA, side by side
         replace_weights:bool=False, # Write the EMA weights into `learn.model` at the end of fit
         foreach:bool|None=None, # Fused multi-tensor update; `None`: fastest available, `False`: per-tensor loop
-        resume:bool=False, # Continue from `learn.model_ema` instead of starting a new EMA
+        resume:bool=False, # Continue from `learn.model_ema` (or a loaded checkpoint) when there is one, instead of starting anew
         all_parameters:bool=False, # Average frozen parameters too
         all_buffers:bool=False, # Average non-persistent floating buffers too
         skip_ema:bool=True, # Skip batches whose optimizer step did not happen
@@ -72,18 +84,29 @@ class EMACallback(Callback):
         if half_life is not None:
             if decay is not _DECAY: raise ValueError('pass either decay or half_life, not both')
             decay = half_life_decay(half_life)
+        if callable(decay): decay_from(call_user(decay, 1, 100, name='decay(1, 100)'), 'decay(1, 100)')   # a decay form
         self.decay = decay if callable(decay) else check_decay(decay)
         self.half_life,self.start = half_life,check_when(start, 'start')
         self.ema_device,self.ema_dtype = _check_device(ema_device),_check_dtype(ema_dtype)
         self.update_every = check_every(update_every)
-        if validate_ema != 'both': _check_flag(validate_ema, 'validate_ema', " (or 'both')")
+        if not (isinstance(validate_ema, str) and validate_ema == 'both'): _check_flag(validate_ema, 'validate_ema', " (or 'both')")
         self.validate_ema = validate_ema
         for n in ('replace_weights','resume','all_parameters','all_buffers','skip_ema'):
             setattr(self, n, _check_flag(locals()[n], n))
         if foreach is not None: _check_flag(foreach, 'foreach')
         self.foreach,self.averager,self._pending = foreach,None,None
-        from fastxtend_ema.checkpoint import install_checkpoint_hooks   # lazily: importing the package changes nothing
-        install_checkpoint_hooks()
+
+    @property
+    def learn(self):
+        "The Learner this callback is on"
+        return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn):
+        # fastai sets `cb.learn` when it adds or removes the callback: that Learner's save/load carry the EMA while it is on
+        from fastxtend_ema.checkpoint import attach_ema_checkpoints, detach_ema_checkpoints
+        old,self.__dict__['_learn'] = self.__dict__.get('_learn'),learn
+        if learn is not None: attach_ema_checkpoints(learn)
+        elif old is not None: detach_ema_checkpoints(old, self)
 
     # Per-step state lives in `_p`, a slotted object: fastai's `Callback.__setattr__` looks every name up on the
     # Learner (tens of microseconds per batch through its attribute chain), which the hot path must not pay.
@@ -91,6 +114,9 @@ class EMACallback(Callback):
     steps = property(lambda self: self._p.steps, doc="Optimizer steps counted since the EMA started")
     updates = property(lambda self: self._p.updates, doc="EMA updates applied")
     last_decay = property(lambda self: self._p.last_decay, doc="Decay applied at the latest update (`None` before one)")
+
+    @property
+    def _constant_decay(self) -> float|None: return None if callable(self.decay) else self.decay
 
     @property
     def ema_model(self) -> nn.Module|None:
@@ -106,7 +132,10 @@ class EMACallback(Callback):
     ) -> float:
         "Per-step decay at `pct` of training: `decay`, or `decay(step, total)` for a decay form (`EMASchedule` schedules it)"
         d = self.decay
-        return d(self._p.steps, self._total) if callable(d) else d
+        if not callable(d): return d
+        s,t = self._p.steps,self._total
+        v = d(s, t)
+        return v if type(v) is float and 0. <= v < 1. else decay_from(v, f'decay({s}, {t})')   # checked at every step
 
 # %% ../nbs/02_callback.ipynb #41260dea
 @patch
@@ -145,15 +174,17 @@ def _remove_validate(self:EMACallback, learn=None):
 @patch
 def _setup(self:EMACallback):
     "Build the EMA for this fit"
-    n_epoch = self.learn.n_epoch
-    self._prepare(n_epoch, len(self.learn.dls.train))
-    if self._start_pct >= 1:
-        warnings.warn(f'EMACallback: start={self.start} is at or after the end of this {n_epoch}-epoch fit; the EMA will not start')
+    n_epoch,n_iter = self.learn.n_epoch,len(self.learn.dls.train)
+    self._prepare(n_epoch, n_iter)
+    self._late = self._start_pct >= 1
+    if self._late:
+        warnings.warn(f'{type(self).__name__}: start={self.start} is at or after the end of this {n_epoch}-epoch fit: '
+                      'the EMA does not start, and this fit does not set learn.model_ema')
     prev = getattr(self.learn, 'model_ema', None)
-    if self.resume and prev is None and self._pending is None:
-        raise ValueError('resume=True continues from learn.model_ema, but this Learner has none: fit once without resume first')
     pending,self._pending = self._pending,None   # EMA state from `learn.load`, if any
-    resume = self.resume and pending is None
+    # `resume` continues from `learn.model_ema` when there is one; a fit with none (the first of `fine_tune`) starts anew
+    resume = self.resume and pending is None and isinstance(prev, nn.Module)
+    if not (self._late or resume or isinstance(pending, dict)): self._check_horizon(n_epoch, n_iter)
     # ModelEMA, or ShardedModelEMA for an FSDP2 model (each rank averages its own shards: see 06_distributed)
     self.averager = make_model_ema(unwrap_model(self.learn.model), all_parameters=self.all_parameters,
                                    all_buffers=self.all_buffers, ema_device=self.ema_device, ema_dtype=self.ema_dtype,
@@ -170,7 +201,51 @@ def _prepare(self:EMACallback, n_epoch:int, n_iter:int):
     "Positions that depend on the fit's length"
     self._start_pct,self._total = as_fraction(self.start, n_epoch),n_epoch*n_iter
     if callable(self.decay):
-        for step in (1, self._total): check_decay(float(self.decay(step, self._total)), f'decay({step}, {self._total})')
+        for s in (1, self._total): decay_from(call_user(self.decay, s, self._total, name=f'decay({s}, {self._total})'), f'decay({s}, {self._total})')
+
+_FIT_POSITIONS = ('_start_pct', '_total', '_finish_pct', '_sched')   # what `_prepare` sets
+
+@patch
+@contextmanager
+def _scratch(self:EMACallback):
+    "Run the block on scratch progress: the fit's positions, the decay in force and the step count are restored after it"
+    keep,fit = (self._p.decay,self._p.steps),{k:self.__dict__[k] for k in _FIT_POSITIONS if k in self.__dict__}
+    try: yield
+    finally:
+        self._p.decay,self._p.steps = keep
+        self.__dict__.update(fit)
+
+@patch
+def _decays(self:EMACallback, n_epoch:int, n_iter:int):
+    "Per-step decays of a fit of `n_epoch` x `n_iter` batches, every batch an optimizer step (inside `_scratch`)"
+    self._prepare(n_epoch, n_iter)
+    n = 0   # counts steps from the EMA's start
+    for b in range(n_epoch*n_iter):
+        pct = b/(n_epoch*n_iter)
+        if pct + 1e-9 < self._start_pct: yield 0.; continue
+        n += 1; self._p.steps = n
+        yield self.decay_at(pct)
+
+class EMAHorizonWarning(UserWarning):
+    "An EMA whose fit is too short for its decay: at the end it is still mostly the weights it started from"
+
+@patch
+def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.2):
+    "Warn when more than `limit` of the EMA would still be its starting weights at the end of the fit"
+    share,n = 1.,0
+    with self._scratch():
+        for d in self._decays(n_epoch, n_iter):
+            if d == 0.: continue   # before the start
+            share *= d; n += 1
+            if share < limit: return
+    if n == 0: return
+    d = self._constant_decay
+    what = f'decay={d:.6g} averages over about {1/(1-d):,.0f} steps' if d else 'its decays average over too many steps'
+    fix = (f'use EMASchedule() (a decay that warms up), or a shorter horizon such as half_life={max(1, round(n/20))} (steps)'
+           if d else 'use decays whose horizon 1/(1-decay) is a few percent of the steps in the fit')
+    warnings.warn(f'{type(self).__name__}: this fit has {n:,} training batches after the EMA starts, but {what}, so at its '
+                  f'end {share:.0%} of the EMA will still be the weights it started from, and validation on it looks as if '
+                  f'training failed. For a fit this short, {fix}.', EMAHorizonWarning, stacklevel=2)
 
 def _pct(learn, batches_done) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
@@ -218,7 +293,7 @@ def after_fit(self:EMACallback):
     self._remove_validate()
     _remove_ema_columns(self.learn)
     if not self._p.started:
-        warnings.warn('EMACallback: the EMA never started in this fit, learn.model_ema is left as it was')
+        if not self._late: warnings.warn(f'{type(self).__name__}: the EMA never started in this fit, learn.model_ema is left as it was')
         return
     self.averager.unswap()
     self.averager.sync_copied()
@@ -287,20 +362,43 @@ def _restore(self:EMACallback, state:dict):
     self.averager.load_state_dict(state['tensors'])
     p = self._p
     p.started,p.steps,p.updates = state['started'],state['steps'],state['updates']
+    m = self.averager.module
+    m._ema_steps,m._ema_updates = p.steps,p.updates
+
+def _in_fit(learn) -> bool:
+    "Whether `learn` is inside `fit` (its `after_fit` events included): fastai keeps no flag for it, its call stack does"
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is _WITH_EVENTS and f.f_locals.get('event_type') == 'fit' and f.f_locals.get('self') is learn: return True
+        f = f.f_back
+    return False
+_WITH_EVENTS = Learner._with_events.__code__
 
 @patch
 def load_ema_checkpoint(self:EMACallback,
     state:dict|None, # From `ema_checkpoint_state`; `None` for a checkpoint without EMA state
 ):
     "Continue from `state` (now if this callback holds an EMA, and at the next fit); `None`: start from the model's weights"
-    if state is not None and set(state) != _STATE_KEYS:
+    if state is not None and not _STATE_KEYS <= set(state):
         raise ValueError(f'not an EMA checkpoint state: keys {sorted(state)}, expected {sorted(_STATE_KEYS)}')
     if self.averager is not None:
         if state is None: self.averager.reset()
         else: self._restore(state)
-    self._pending = state if state is not None else 'model'
+    # a load inside a fit (`SaveModelCallback` reloading the best epoch at its end) applies to this fit's EMA only;
+    # a load between fits is what the next fit continues from, like the optimizer state
+    if self.averager is None or not _in_fit(self.learn): self._pending = state if state is not None else 'model'
 
 # %% ../nbs/02_callback.ipynb #6ec94b76
+def _check_schedule(schedule, start_decay:float, final_decay:float):
+    "`schedule(start_decay, final_decay)`, a function `pos -> decay` checked at both ends; errors name `schedule`"
+    if not callable(schedule): raise TypeError(f'schedule must be a fastai annealer or a callable, got {schedule!r}')
+    f = call_user(schedule, start_decay, final_decay, name='schedule(start_decay, final_decay)')
+    if not callable(f): raise TypeError(f'schedule(start_decay, final_decay) must return a function pos -> decay, got {f!r}')
+    for pos in (0., 0.5, 1.):
+        name = f'schedule(start_decay, final_decay)({pos})'
+        decay_from(call_user(f, pos, name=name), name)
+    return f
+
 @delegates(EMACallback.__init__, but=['decay', 'half_life', 'start'])
 class EMASchedule(EMACallback):
     "`EMACallback` whose decay follows `schedule` from `start_decay` to `final_decay` between `start` and `finish`"
@@ -318,12 +416,13 @@ class EMASchedule(EMACallback):
         super().__init__(decay=final_decay, start=start, **kwargs)
         self.start_decay,self.final_decay = start_decay,final_decay
         self.finish = check_when(finish, 'finish', allow_end=True)
-        if not callable(schedule): raise TypeError(f'schedule must be a fastai annealer or a callable, got {schedule!r}')
+        _check_schedule(schedule, start_decay, final_decay)
         self.schedule = schedule
         if type(self.start)==type(self.finish) and self.start > self.finish:
             raise ValueError(f'start ({self.start}) must not be after finish ({self.finish})')
         self.decay = self.start_decay
 
+    _constant_decay = None
     decay = property(lambda self: self._p.decay, lambda self, v: setattr(self._p, 'decay', v),
                      doc="Decay in force: the schedule's value at the latest update")
 
@@ -332,8 +431,7 @@ class EMASchedule(EMACallback):
         self._finish_pct = as_fraction(self.finish, n_epoch)
         if self._start_pct > self._finish_pct:
             raise ValueError(f'start ({self.start}) is after finish ({self.finish}) in this {n_epoch}-epoch fit')
-        self._sched = self.schedule(self.start_decay, self.final_decay)
-        for pos in (0., 1.): check_decay(float(self._sched(pos)), f'schedule(start_decay, final_decay)({pos})')
+        self._sched = _check_schedule(self.schedule, self.start_decay, self.final_decay)
 
     def _setup(self):
         super()._setup()
@@ -341,7 +439,10 @@ class EMASchedule(EMACallback):
 
     def decay_at(self, pct:float) -> float:
         "Scheduled decay at `pct` of training"
-        d = self._p.decay = float(self._sched(progress(pct, self._start_pct, self._finish_pct)))
+        pos = progress(pct, self._start_pct, self._finish_pct)
+        d = self._sched(pos)
+        if not (type(d) is float and 0. <= d < 1.): d = decay_from(d, f'schedule(start_decay, final_decay)({pos})')   # at every step
+        self._p.decay = d
         return d
 
 # %% ../nbs/02_callback.ipynb #1d4f968b
@@ -351,16 +452,7 @@ def decay_schedule(self:EMACallback,
     n_iter:int, # Training batches per epoch
 ) -> list[float]:
     "Per-step decay at every training batch of such a fit (0 before the EMA starts)"
-    keep = self._p.decay,self._p.steps
-    self._prepare(n_epoch, n_iter)
-    res,n = [],0   # every batch taken as an optimizer step; `n` counts them from the EMA's start
-    for b in range(n_epoch*n_iter):
-        pct = b/(n_epoch*n_iter)
-        if pct + 1e-9 < self._start_pct: res.append(0.); continue
-        n += 1; self._p.steps = n
-        res.append(self.decay_at(pct))
-    self._p.decay,self._p.steps = keep
-    return res
+    with self._scratch(): return list(self._decays(n_epoch, n_iter))
 
 @patch
 def plot_decay(self:EMACallback,

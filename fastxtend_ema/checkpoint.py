@@ -4,8 +4,7 @@
 
 # %% ../nbs/05_checkpoint.ipynb #8c9bb415
 from __future__ import annotations
-import warnings
-from copy import deepcopy
+import hashlib, pickle, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -15,11 +14,12 @@ from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, distrib_barrier, get_model
-from .update import unwrap_model, check_state, named_tensors
+from .update import unwrap_model, check_state, named_tensors, copy_module
 from .distributed import is_sharded, plain_module
 
 # %% auto #0
-__all__ = ['ema_file', 'learner_ema_state', 'save_with_ema', 'load_with_ema', 'install_checkpoint_hooks']
+__all__ = ['EMA_FORMAT', 'ema_file', 'weights_fingerprint', 'learner_ema_state', 'check_ema_state', 'read_ema_file',
+           'save_with_ema', 'load_ema_weights', 'load_with_ema', 'attach_ema_checkpoints', 'detach_ema_checkpoints']
 
 # %% ../nbs/05_checkpoint.ipynb #4338e037
 def ema_file(
@@ -34,10 +34,39 @@ def _safe_globals():
     core = getattr(np, '_core', None) or np.core
     return torch.serialization.safe_globals([L, core.multiarray.scalar, np.dtype, *[getattr(np.dtypes, d) for d in np.dtypes.__all__]])
 
+def _why(e:Exception) -> str:
+    "A short reason for a failed `torch.load`"
+    if isinstance(e, pickle.UnpicklingError):
+        return 'it holds Python objects other than tensors and plain values, which `torch.load(weights_only=True)` refuses'
+    if isinstance(e, FileNotFoundError): return 'no such file'
+    return f'{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else "empty message"}'
+
 def _read(file:Path, mmap:bool=False):
-    with _safe_globals(): return torch.load(file, map_location='cpu', weights_only=True, mmap=mmap)
+    "`file` loaded with `weights_only=True`; an error naming the file if it cannot be"
+    try:
+        with _safe_globals(): return torch.load(file, map_location='cpu', weights_only=True, mmap=mmap)
+    except Exception as e:
+        if mmap and 'mmap' in str(e): return _read(file)   # a file in torch's legacy format: read it whole
+        raise ValueError(f'cannot read {file}: {_why(e)}') from None
 
 # %% ../nbs/05_checkpoint.ipynb #73b2d7d1
+EMA_FORMAT = 2   # the format number written into every EMA state; a reader refuses a newer one
+# format 1: the EMA and its counters; format 2 adds `checkpoint`, the fingerprint of the training weights saved beside it
+_KEYS = {1: {'format', 'callback', 'started', 'steps', 'updates', 'tensors'}}
+_KEYS[2] = _KEYS[1] | {'checkpoint'}
+
+def weights_fingerprint(
+    state:dict, # A model state dict (or fastai's `{model, opt}` checkpoint's `model`)
+) -> str|None: # 16 hex digits; `None` for a sharded (DTensor) state
+    "A fingerprint of a model's weights (shapes and first values of every tensor): ties an EMA file to its checkpoint"
+    h = hashlib.blake2b(digest_size=8)
+    for t in state.values():
+        if not isinstance(t, torch.Tensor): continue
+        if type(t) is not torch.Tensor and not isinstance(t, nn.Parameter): return None   # DTensor & co: no cheap read
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().reshape(-1)[:16].to('cpu', torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
 def _ema_cbs(learn:Learner) -> list:
     return [cb for cb in learn.cbs if hasattr(cb, 'load_ema_checkpoint')]
 
@@ -48,8 +77,46 @@ def learner_ema_state(learn:Learner) -> dict|None:
         if state is not None: return state
     m = getattr(learn, 'model_ema', None)
     if not isinstance(m, nn.Module): return None
-    return dict(format=1, callback=None, started=True, steps=getattr(m, '_ema_steps', 0), updates=getattr(m, '_ema_updates', 0),
-                tensors={n:t.detach() for n,t in m.state_dict().items()})
+    return dict(format=1, callback=None, started=True, steps=getattr(m, '_ema_steps', 0),
+                updates=getattr(m, '_ema_updates', 0), tensors={n:t.detach() for n,t in m.state_dict().items()})
+
+def check_ema_state(
+    state, # What an EMA file held
+    where:str, # The file, for the error message
+) -> dict:
+    "`state` if it is an EMA state this version can read, else a `ValueError` naming `where`"
+    f = state.get('format') if isinstance(state, dict) else None
+    if isinstance(f, int) and not isinstance(f, bool) and f > EMA_FORMAT:
+        raise ValueError(f'{where} has EMA format {f}, newer than this version of fastxtend_ema reads (1 to {EMA_FORMAT}): upgrade it')
+    keys = _KEYS.get(f) if isinstance(f, int) and not isinstance(f, bool) else None
+    if keys is None or set(state) != keys:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f'{where} is not an EMA checkpoint: expected a dict with keys {sorted(_KEYS[EMA_FORMAT])}, got {got}')
+    ok = (isinstance(state['started'], bool) and all(isinstance(state[k], int) and state[k] >= 0 for k in ('steps', 'updates'))
+          and isinstance(state['tensors'], dict) and all(isinstance(v, torch.Tensor) for v in state['tensors'].values()))
+    if f >= 2: ok = ok and (state['checkpoint'] is None or isinstance(state['checkpoint'], str))
+    if not ok: raise ValueError(f'{where} is damaged: its counters or tensors have the wrong types')
+    return state
+
+def read_ema_file(
+    file:Path, # An EMA file, `models/name.ema.pth`
+) -> dict:
+    "The EMA state in `file`, checked; a plain state dict (`torch.save(learn.model_ema.state_dict(), ...)`) is taken as EMA weights"
+    state = _read(file)
+    if isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k,v in state.items()):
+        warnings.warn(f'{file.name} holds EMA weights without counters (a plain state dict): '
+                      'the EMA continues from these weights with its step count at 0')
+        return dict(format=1, callback=None, started=True, steps=0, updates=0, tensors=state)
+    return check_ema_state(state, str(file))
+
+def _fill(module:nn.Module, tensors:dict):
+    "Give `module`'s tensors the values and dtypes of `tensors` (by state-dict name: a tied tensor is set once)"
+    done = set()
+    with torch.no_grad():
+        for n,t in module.state_dict(keep_vars=True).items():
+            if id(t) in done: continue
+            done.add(id(t))
+            t.data = tensors[n].to(t.device).clone()
 
 def _set_model_ema(learn:Learner, state:dict):
     "Put `state`'s EMA into `learn.model_ema`, in place if there is one, else in a new copy of the plain model"
@@ -57,54 +124,78 @@ def _set_model_ema(learn:Learner, state:dict):
     model = unwrap_model(learn.model)
     if not isinstance(m, nn.Module) and is_sharded(model): m = learn.model_ema = plain_module(model, state['tensors'])
     elif not isinstance(m, nn.Module):
-        m = deepcopy(model).requires_grad_(False).eval()
-        tensors = named_tensors(m)
-        with torch.no_grad():   # keep the EMA's own dtypes (fp32 EMA of a bf16 model)
-            for n,t in state['tensors'].items(): tensors[n].data = t.to(tensors[n].device).clone()
+        m = copy_module(model)
+        _fill(m, state['tensors'])   # keeps the EMA's own dtypes (fp32 EMA of a bf16 model)
         learn.model_ema = m
     else: m.load_state_dict(state['tensors'])
     m._ema_steps,m._ema_updates = state['steps'],state['updates']
 
 # %% ../nbs/05_checkpoint.ipynb #358da2cb
-_fastai_save,_fastai_load = Learner.save,Learner.load
-
 def save_with_ema(self:Learner, file, **kwargs) -> Path:
     "fastai's `Learner.save`, plus the EMA state in `file.ema.pth`; never with the EMA swapped into the model"
-    if hasattr(self, 'lr_finder'): return _fastai_save(self, file, **kwargs)   # lr_find's own save/restore of the weights
+    if hasattr(self, 'lr_finder'): return Learner.save(self, file, **kwargs)   # lr_find's own save/restore of the weights
     swapped = [cb.averager for cb in _ema_cbs(self) if cb.averager is not None and cb.averager.swapped]
     for a in swapped: a.unswap()
     try:
-        path = _fastai_save(self, file, **kwargs)
+        path = Learner.save(self, file, **kwargs)
         state = learner_ema_state(self)   # on every rank: a sharded (FSDP2) EMA gathers its shards here
         if not rank_distrib():
             if state is None: ema_file(path).unlink(missing_ok=True)   # a stale EMA must not be loaded with new weights
-            else: torch.save(state, ema_file(path))
+            else: torch.save({**state, 'format': EMA_FORMAT, 'checkpoint': weights_fingerprint(get_model(self.model).state_dict())},
+                             ema_file(path))
     finally:
         for a in swapped: a.swap()
     return path
 
-@delegates(_fastai_load)
+def _model_state(path:Path) -> dict:
+    "The model's state dict in fastai checkpoint `path`, memory-mapped: only what is used is read"
+    ckpt = _read(path, mmap=True)
+    state = ckpt['model'] if isinstance(ckpt, dict) and set(ckpt)=={'model','opt'} else ckpt
+    if not isinstance(state, dict): raise ValueError(f'{path} is not a fastai checkpoint: it holds a {type(state).__name__}')
+    return state
+
+def _stale(state:dict, fingerprint:str|None) -> bool:
+    "Whether EMA `state` was saved beside other training weights than those of the checkpoint with `fingerprint`"
+    saved = state.get('checkpoint')
+    return saved is not None and fingerprint is not None and saved != fingerprint
+
+def load_ema_weights(
+    learn:Learner, # Any Learner whose model has the architecture that saved the checkpoint
+    file:str, # Checkpoint name, as for `learn.load`: `learn.path/learn.model_dir/file.ema.pth` is read
+) -> Learner:
+    "Load the EMA weights of checkpoint `file` into `learn.model`, for inference; names and shapes are checked first"
+    ef = ema_file(join_path_file(file, learn.path/learn.model_dir, ext='.pth'))
+    if not ef.exists(): raise FileNotFoundError(f'{ef} not found: checkpoint {file!r} has no EMA state')
+    state = read_ema_file(ef)
+    path = ef.with_name(ef.name.replace('.ema.pth', '.pth'))
+    if path.exists() and _stale(state, weights_fingerprint(_model_state(path))):
+        raise ValueError(f'{ef.name} is stale: {path.name} was saved again since, without an EMA')
+    model = unwrap_model(learn.model)   # the EMA has the plain model's names, whatever wrapped the model that saved it
+    check_state(model, state['tensors'], f'EMA checkpoint {ef.name}')
+    model.load_state_dict(state['tensors'])
+    return learn
+
+@delegates(Learner.load)
 def load_with_ema(self:Learner, file, device=None,
     ema:bool=False, # Load the EMA weights as the model (for inference) instead of the training weights
     **kwargs):
-    "fastai's `Learner.load`, plus the EMA state; checks names and shapes before loading anything"
-    if hasattr(self, 'lr_finder'): return _fastai_load(self, file, device=device, **kwargs)
+    "fastai's `Learner.load`, plus the EMA state; reads and checks both files before changing anything"
+    if hasattr(self, 'lr_finder'): return Learner.load(self, file, device=device, **kwargs)
     distrib_barrier()   # under DDP, rank 0 may still be writing the files another rank is about to read
+    if ema: return load_ema_weights(self, file)
+    # everything is read and checked first: on any error, the Learner is as it was
     path = join_path_file(file, self.path/self.model_dir, ext='.pth')
-    ef = ema_file(path)
-    state = _read(ef) if ef.exists() else None
-    ckpt = _read(path, mmap=True)   # only names and shapes are read here
-    model_state = ckpt['model'] if set(ckpt)=={'model','opt'} else ckpt
+    model_state,ef = _model_state(path),ema_file(path)
     check_state(get_model(self.model), model_state, f'checkpoint {path.name}', strict=kwargs.get('strict', True))
+    state = read_ema_file(ef) if ef.exists() else None
     if state is not None: check_state(unwrap_model(self.model), state['tensors'], f'EMA checkpoint {ef.name}')
-    if ema:
-        if state is None: raise ValueError(f'ema=True, but {path.name} has no EMA state ({ef.name} not found)')
-        unwrap_model(self.model).load_state_dict(state['tensors'])
-        return self
-    _fastai_load(self, file, device=device, **kwargs)
+    why = f'{ef.name} not found'
+    if state is not None and _stale(state, weights_fingerprint(model_state)):
+        state,why = None,f'{ef.name} is stale: {path.name} was saved again since, without an EMA'
+    Learner.load(self, file, device=device, **kwargs)
     cbs = _ema_cbs(self)
     if state is None:
-        if cbs: warnings.warn(f'{path.name} has no EMA state ({ef.name} not found): the EMA starts from the loaded weights')
+        if cbs: warnings.warn(f'{path.name} has no EMA state ({why}): the EMA starts from the loaded weights')
         for cb in cbs: cb.load_ema_checkpoint(None)
         return self
     for cb in cbs: cb.load_ema_checkpoint(state)
@@ -112,6 +203,31 @@ def load_with_ema(self:Learner, file, device=None,
         _set_model_ema(self, state)
     return self
 
-def install_checkpoint_hooks():
-    "Make `Learner.save`/`Learner.load` carry the EMA state (called when an EMA callback is made; idempotent)"
-    if Learner.save is not save_with_ema: Learner.save,Learner.load = save_with_ema,load_with_ema
+# %% ../nbs/05_checkpoint.ipynb #5a7e0c21
+class _WithEMA:
+    "`learn.save` or `learn.load` of a Learner with an EMA callback: fastai's, plus the EMA state"
+    def __init__(self, learn:Learner, name:str): self.learn,self.name = learn,name
+    def __call__(self, *args, **kwargs):
+        learn = self.learn
+        if not _ema_cbs(learn):   # the EMA callback is gone: fastai's own method from now on
+            if learn.__dict__.get(self.name) is self: del learn.__dict__[self.name]
+            return getattr(Learner, self.name)(learn, *args, **kwargs)
+        return (save_with_ema if self.name == 'save' else load_with_ema)(learn, *args, **kwargs)
+    @property
+    def __doc__(self): return (save_with_ema if self.name == 'save' else load_with_ema).__doc__
+
+def attach_ema_checkpoints(
+    learn:Learner, # A Learner an EMA callback was added to
+):
+    "Make `learn.save`/`learn.load` carry the EMA state, for this Learner only (its class, and every other Learner, keep fastai's)"
+    for n in ('save', 'load'):
+        if not isinstance(learn.__dict__.get(n), _WithEMA): learn.__dict__[n] = _WithEMA(learn, n)
+
+def detach_ema_checkpoints(
+    learn:Learner, # A Learner an EMA callback is being removed from
+    cb=None, # That callback (fastai removes it from `learn.cbs` after telling it)
+):
+    "Give `learn` fastai's own `save`/`load` back, once no other EMA callback is on it"
+    if any(o is not cb for o in _ema_cbs(learn)): return
+    for n in ('save', 'load'):
+        if isinstance(learn.__dict__.get(n), _WithEMA): del learn.__dict__[n]

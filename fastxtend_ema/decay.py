@@ -8,13 +8,14 @@ import math
 from numbers import Integral, Real
 
 # %% auto #0
-__all__ = ['check_decay', 'half_life_decay', 'check_every', 'interval_decay', 'check_when', 'as_fraction', 'progress',
-           'PowerDecay', 'ThresholdDecay', 'ExpDecay']
+__all__ = ['check_decay', 'call_user', 'decay_from', 'half_life_decay', 'check_every', 'interval_decay', 'check_when',
+           'as_fraction', 'progress', 'PowerDecay', 'ThresholdDecay', 'ExpDecay']
 
 # %% ../nbs/01_decay.ipynb #f2ba744f
 def _real(x, name:str) -> float:
     if isinstance(x, bool) or not isinstance(x, Real): raise TypeError(f'{name} must be a real number, got {x!r}')
-    x = float(x)
+    try: x = float(x)
+    except OverflowError: raise ValueError(f'{name}={x} is too large for a float') from None
     if math.isnan(x): raise ValueError(f'{name} must not be NaN')
     return x
 
@@ -27,6 +28,24 @@ def check_decay(
     if not 0. <= decay < 1.: raise ValueError(f'{name} must be in [0, 1), got {decay}')
     return decay
 
+def call_user(
+    f, # A function the user gave: a decay form, a schedule
+    *args, # What it is called with
+    name:str, # How to name the call in an error message, e.g. `'decay(1, 100)'`
+):
+    "`f(*args)`; an exception it raises is re-raised naming the argument it came from"
+    try: return f(*args)
+    except Exception as e:
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f'{name} raised {type(e).__name__}: {e}') from e
+
+def decay_from(
+    value, # What a decay form or schedule returned
+    name:str, # The call that returned it, for the error message
+) -> float:
+    "`value` as a decay: a real number in [0, 1) (not a string, a tensor or a `Decimal`), or an error naming `name`"
+    if isinstance(value, bool) or not isinstance(value, Real): raise TypeError(f'{name} must return a float, got {value!r}')
+    return check_decay(value, name)
+
 # %% ../nbs/01_decay.ipynb #64f24e27
 def half_life_decay(
     half_life:float, # Optimizer steps after which a weight change has lost half its weight in the EMA
@@ -34,7 +53,9 @@ def half_life_decay(
     "The per-step decay with this half-life: `0.5**(1/half_life)`"
     half_life = _real(half_life, 'half_life')
     if not half_life > 0: raise ValueError(f'half_life must be > 0 (optimizer steps), got {half_life}')
-    return 0.5**(1./half_life)
+    decay = 0.5**(1./half_life)
+    if decay >= 1.: raise ValueError(f'half_life={half_life} is too long: its decay 0.5**(1/half_life) rounds to 1.0, which never averages')
+    return decay
 
 def check_every(
     update_every:int, # Update the EMA on every `update_every`-th optimizer step
@@ -73,8 +94,9 @@ def as_fraction(
     when:float|int, # A checked `start`/`finish`
     n_epoch:int, # Epochs in this fit
 ) -> float:
-    "`when` as a fraction of training: ints are epochs, floats already fractions"
-    return when/n_epoch if isinstance(when, Integral) else float(when)
+    "`when` as a fraction of training: ints are epochs (they may lie after the end), floats already fractions"
+    if not isinstance(when, Integral): return float(when)
+    return when/n_epoch if when < 2**53 else math.inf   # an int too large for a float is after any end
 
 def progress(
     pct:float, # Progress through training, in [0, 1]

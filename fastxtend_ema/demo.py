@@ -64,11 +64,12 @@ def train_digits(
     seed:int=42, # Random seed: initial weights, validation split and order of the training batches
     start_decay:float=0.9, # EMASchedule's first decay
     final_decay:float=0.99, # EMASchedule's decay after warmup
-    finish:float=0.3, # End of the warmup, as a fraction of training
+    finish:int|float=0.3, # End of the warmup: a fraction of training (float) or an epoch (int)
     ema:bool=True, # Train with `EMASchedule(validate_ema='both')`; `False`: without EMA
     show_progress:bool=True, # Show fastai's progress bar and table
 ) -> dict:
     "Train `digits_cnn` with plain SGD: the `Learner`, its per-epoch `history`, and the last epoch's raw (and EMA) scores"
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1: raise ValueError(f'epochs must be an int >= 1, got {epochs!r}')
     set_seed(seed, reproducible=True)
     cbs = [EMASchedule(start_decay, final_decay, finish=finish, validate_ema='both')] if ema else []
     learn = Learner(digits_dls(bs, seed=seed), digits_cnn(), loss_func=CrossEntropyLossFlat(), metrics=accuracy,
@@ -90,7 +91,7 @@ def compare(
     seed:int=42, # Random seed, the same for both runs
     start_decay:float=0.9, # EMASchedule's first decay
     final_decay:float=0.99, # EMASchedule's decay after warmup
-    finish:float=0.3, # End of the warmup, as a fraction of training
+    finish:int|float=0.3, # End of the warmup: a fraction of training (float) or an epoch (int)
     show_progress:bool=True, # Show fastai's progress bars and tables
 ) -> dict:
     "Train without EMA, then with `EMASchedule`, from the same seed: both `train_digits` results and `same_training`"
@@ -149,11 +150,17 @@ def main(
     seed:int=42, # Random seed, the same for both runs
     start_decay:float=0.9, # EMASchedule's first decay
     final_decay:float=0.99, # EMASchedule's decay after warmup
-    finish:float=0.3, # End of the warmup, as a fraction of training
+    finish:int|float=0.3, # End of the warmup: a fraction of training (float) or an epoch (int)
     out:str='ema_demo.png', # Where to write the PNG of validation curves and decay schedule
     quiet:bool=False, # Hide fastai's progress bars and tables
 ):
     "Train a small CNN on scikit-learn's digits without and with EMASchedule, print the final scores and plot the curves"
+    try:   # every argument checked before any training, each error naming its argument
+        for n,v in (('epochs', epochs), ('bs', bs)):
+            if v < 1: raise ValueError(f'{n} must be >= 1, got {v}')
+        if not lr > 0: raise ValueError(f'lr must be > 0, got {lr}')
+        EMASchedule(start_decay, final_decay, finish=finish)
+    except (TypeError, ValueError) as e: raise SystemExit(f'fastxtend_ema.demo: error: {e}') from None
     res = compare(epochs, lr, bs, seed, start_decay, final_decay, finish, show_progress=not quiet)
     print('\n' + report(res))
     print(f'plot: {plot_comparison(res, out)}')

@@ -4,39 +4,41 @@
 
 # %% ../nbs/06_distributed.ipynb #6d150005
 from __future__ import annotations
-import copy
+import copy, sys
 from contextlib import contextmanager
 import torch
 from torch import nn, Tensor
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from .update import ModelEMA, EMAPairs, select_tensors, named_tensors, ema_dtype_for, check_state
-try: from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError: DTensor = distribute_tensor = None   # torch built without distributed support, or older than 2.5
-try: from torch.distributed.fsdp import FSDPModule
-except ImportError: FSDPModule = None   # torch older than 2.6: no FSDP2
 
 # %% auto #0
 __all__ = ['is_sharded', 'reshard_', 'local_tensor', 'plain_module', 'ShardedModelEMA', 'make_model_ema', 'count_collectives',
            'broadcast_buffers_']
 
 # %% ../nbs/06_distributed.ipynb #6d150008
-def _is_dtensor(t) -> bool: return DTensor is not None and isinstance(t, DTensor)
+def _loaded(module:str, name:str):
+    "`module.name` if the module is loaded, else `None`: no DTensor or FSDP2 module exists before its module is imported"
+    return getattr(sys.modules.get(module), name, None)   # (importing `torch.distributed.tensor` costs 0.6 s)
+
+def _dtensor(): return _loaded('torch.distributed.tensor', 'DTensor')
+def _fsdp_module(): return _loaded('torch.distributed.fsdp', 'FSDPModule')
+def _is_dtensor(t) -> bool: return (D := _dtensor()) is not None and isinstance(t, D)
 
 def is_sharded(
     model:nn.Module, # A plain module, or one `fully_shard` (FSDP2) was applied to
 ) -> bool:
     "Whether `model` is `fully_shard`ed or holds DTensor parameters"
-    return (FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())) or \
-           any(_is_dtensor(p) for p in model.parameters())
+    F = _fsdp_module()
+    return (F is not None and any(isinstance(m, F) for m in model.modules())) or any(_is_dtensor(p) for p in model.parameters())
 
 def reshard_(
     model:nn.Module, # A `fully_shard`ed model (anything else is returned as it is)
 ) -> nn.Module:
     "Free the unsharded parameters FSDP2 keeps after a forward without backward (local: no communication)"
-    if FSDPModule is not None:
+    if (F := _fsdp_module()) is not None:
         for m in model.modules():
-            if isinstance(m, FSDPModule): m.reshard()
+            if isinstance(m, F): m.reshard()
     return model
 
 def local_tensor(
@@ -53,8 +55,9 @@ _HOOK_DICTS = ('_forward_hooks', '_forward_pre_hooks', '_backward_hooks', '_back
 
 def _orig_class(m:nn.Module) -> type:
     "The class of `m` before `fully_shard` made it a subclass of `FSDPModule`"
-    if FSDPModule is None or not isinstance(m, FSDPModule): return type(m)
-    return next(c for c in type(m).__mro__ if not issubclass(c, FSDPModule))
+    F = _fsdp_module()
+    if F is None or not isinstance(m, F): return type(m)
+    return next(c for c in type(m).__mro__ if not issubclass(c, F))
 
 def _fsdp_attr(k:str) -> bool: return k.startswith('__composable_api_state_key') or k in ('_is_fsdp_managed_module', '_fsdp_use_orig_params')
 
@@ -177,7 +180,7 @@ class ShardedModelEMA:
         for n,t in self.ema.items():
             if n in self._layout:
                 mesh,placements,shape,stride = self._layout[n]
-                full = DTensor.from_local(t.to(mesh.device_type), mesh, placements, run_check=False, shape=shape, stride=stride).full_tensor()
+                full = _dtensor().from_local(t.to(mesh.device_type), mesh, placements, run_check=False, shape=shape, stride=stride).full_tensor()
                 t = full.to(t.device)
             res[n] = t.detach()
         return res
@@ -199,6 +202,7 @@ class ShardedModelEMA:
             v,e = state[k],self.ema[n]
             if n in self._layout:
                 mesh,placements,_,_ = self._layout[n]
+                from torch.distributed.tensor import distribute_tensor   # sharded: the module is loaded already
                 v = distribute_tensor(v.detach().to(mesh.device_type), mesh, placements, src_data_rank=None).to_local()
             e.copy_(v)
         if was: self.swap()

@@ -9,8 +9,8 @@ import torch
 from torch import nn, Tensor
 
 # %% auto #0
-__all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'named_tensors', 'make_ema_module', 'EMAPairs', 'ModelEMA',
-           'check_compatible', 'check_state']
+__all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'strip_hooks', 'copy_module', 'named_tensors', 'make_ema_module',
+           'EMAPairs', 'ModelEMA', 'check_compatible', 'check_state']
 
 # %% ../nbs/00_update.ipynb #69f2f21e
 def _persistent_buffer_names(model:nn.Module) -> set[str]:
@@ -56,13 +56,55 @@ def ema_dtype_for(
     return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
 
 # %% ../nbs/00_update.ipynb #13f5b823
-def _clear_hooks(module:nn.Module):
+# Every dict of hooks a module holds, and the dicts of flags kept per hook (`_forward_hooks_with_kwargs`, ...)
+_HOOK_DICTS = tuple(k for k,v in vars(nn.Module()).items() if k.endswith('_hooks') and isinstance(v, dict))
+_HOOK_FLAGS = tuple(k for k,v in vars(nn.Module()).items() if '_hooks_' in k and isinstance(v, dict))
+
+def _weight_hooks() -> tuple[type, ...]:
+    "Hook types that compute a module's weights from its parameters (`weight_norm`, `spectral_norm`): a copy needs them"
+    from torch.nn.utils.weight_norm import WeightNorm
+    from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook
+    return WeightNorm, SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook
+
+def strip_hooks(
+    module:nn.Module, # A module, typically a copy of the training model
+) -> nn.Module:
+    "Remove every hook of `module` and its children, except those that compute weights from parameters"
+    keep = _weight_hooks()
     for m in module.modules():
-        for d in ('_forward_hooks','_forward_pre_hooks','_backward_hooks','_backward_pre_hooks',
-                  '_state_dict_hooks','_load_state_dict_pre_hooks','_forward_hooks_with_kwargs',
-                  '_forward_hooks_always_called','_forward_pre_hooks_with_kwargs'):
-            h = getattr(m, d, None)
-            if h: h.clear()
+        for d in _HOOK_DICTS:
+            hooks = m.__dict__.get(d)
+            if hooks: 
+                for k in [k for k,h in hooks.items() if not isinstance(getattr(h, 'hook', h), keep)]: del hooks[k]
+        for f in _HOOK_FLAGS:
+            flags,hooks = m.__dict__.get(f),m.__dict__.get(f[:f.index('_hooks_')+6], {})
+            if flags:
+                for k in [k for k in flags if k not in hooks]: del flags[k]
+    return module
+
+def _non_leaf_memo(model:nn.Module) -> dict:
+    "A `deepcopy` memo holding detached copies of the non-leaf tensors `model`'s modules keep as attributes"
+    memo = {}
+    def visit(v):
+        if isinstance(v, Tensor):
+            if not v.is_leaf and id(v) not in memo: memo[id(v)] = v.detach().clone()
+        elif isinstance(v, (list, tuple)):
+            for o in v: visit(o)
+        elif isinstance(v, dict):
+            for o in v.values(): visit(o)
+    for m in model.modules():
+        for k,v in m.__dict__.items():
+            if k != '_modules': visit(v)
+    return memo
+
+def copy_module(
+    model:nn.Module, # The module to copy
+) -> nn.Module:
+    "A copy of `model` with no gradients, in eval mode, without the training model's hooks"
+    # `deepcopy` refuses non-leaf tensors, which `weight_norm`, `spectral_norm` (after a forward with gradients) and
+    # fastai's `WeightDropout` (AWD-LSTM) keep as plain attributes: they are derived weights, recomputed from the
+    # parameters in the next forward, so a detached copy of their current value is all the copy needs
+    return strip_hooks(copy.deepcopy(model, _non_leaf_memo(model))).requires_grad_(False).eval()
 
 def named_tensors(model:nn.Module) -> dict[str,Tensor]:
     "Parameters and buffers of `model` by name (tied tensors once)"
@@ -75,15 +117,14 @@ def make_ema_module(
     ema_dtype:torch.dtype|None=None, # EMA dtype of averaged floating tensors (see `ema_dtype_for`)
 ) -> nn.Module:
     "A detached copy of `model` whose averaged tensors are in their EMA dtype and on `ema_device`"
-    ema = copy.deepcopy(model)
-    _clear_hooks(ema)
+    ema = copy_module(model)
     avg = set(avg_names)
     with torch.no_grad():
         for n,t in named_tensors(ema).items():
             dev = t.device if ema_device is None else torch.device(ema_device)
             dt = ema_dtype_for(t, ema_dtype) if n in avg else t.dtype
             if t.device!=dev or t.dtype!=dt: t.data = t.data.to(dev, dt)
-    return ema.requires_grad_(False).eval()
+    return ema
 
 # %% ../nbs/00_update.ipynb #40048287
 def _kind(e:Tensor, m:Tensor) -> str:

@@ -1,12 +1,12 @@
 """`python -m fastxtend_ema.demo`, the README's command, run as a user runs it: it shows fastai's progress tables,
-prints the table of final scores recorded in nbs/03_demo.ipynb, and writes its PNG.
+prints a table of final scores and writes its PNG.
 
-The printed table is checked twice: against fastai's own progress tables in the same output (the numbers come from
-the `Recorder`), and against the table recorded in the notebook's prose (the numbers the notebook reports are the
-ones the demo prints). Floating-point results depend on the thread count, so the demo runs with 2 threads, as when
-the notebook's numbers were measured.
+The printed table is checked against fastai's own progress tables in the same output (its numbers come from the
+`Recorder`), and the demo's claim is checked as a claim: the EMA's validation loss is below the raw weights'. The digits
+themselves depend on the CPU, the thread count and the library versions, so no test compares them with recorded ones
+(nbs/03_demo.ipynb shows them as an example run, naming the machine and versions it came from).
 """
-import json, os, re, subprocess, sys
+import os, re, subprocess, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +15,7 @@ NAMES = ('run without EMA', 'EMA run, training weights', 'EMA run, EMA weights')
 
 
 def _demo(tmp_path, *args):
-    env = {**os.environ, 'OMP_NUM_THREADS': '2', 'MPLBACKEND': 'Agg'}
+    env = {**os.environ, 'MPLBACKEND': 'Agg'}
     out = subprocess.run([sys.executable, '-m', 'fastxtend_ema.demo', *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -41,20 +41,13 @@ def _progress_rows(text):
     return [[float(v) for v in m.group(2).split()] for l in lines if (m := ROW.match(l))]
 
 
-def _recorded_table():
-    "The table of final scores quoted in the notebook's prose"
-    nb = json.loads((ROOT/'nbs'/'03_demo.ipynb').read_text())
-    prose = next(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown' and '## What it shows' in ''.join(c['source']))
-    return _final_table(prose.split('```')[1])
-
-
 def test_help():
     out = subprocess.run([sys.executable, '-m', 'fastxtend_ema.demo', '--help'], capture_output=True, text=True, check=True).stdout
     for arg in ('--epochs', '--lr', '--bs', '--seed', '--start-decay', '--final-decay', '--finish', '--out', '--quiet'): assert arg in out, arg
 
 
 def test_readme_command(tmp_path):
-    "No arguments: the defaults, the progress tables, the recorded numbers, ./ema_demo.png"
+    "No arguments: the defaults, the progress tables, the final table, the claim, ./ema_demo.png"
     text = _demo(tmp_path)
     table = _final_table(text)
     assert 'training weights of the two runs: bit-identical' in text
@@ -66,7 +59,10 @@ def test_readme_command(tmp_path):
     assert table['run without EMA'] == fmt(plain[1], plain[2])
     assert table['EMA run, training weights'] == fmt(ema[1], ema[2])
     assert table['EMA run, EMA weights'] == fmt(ema[3], ema[4])
-    assert table == _recorded_table(), (table, _recorded_table())
+    # the claim: at the demo's high learning rate the EMA's validation loss is well below the raw weights' (on every one
+    # of 10 seeds in nbs/03_demo.ipynb, by 40-60% on the machines it was run on); the raw columns of both runs agree
+    assert float(table['EMA run, EMA weights'][0]) < float(table['run without EMA'][0])
+    assert table['run without EMA'] == table['EMA run, training weights']
     png = tmp_path/'ema_demo.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and png.stat().st_size > 20_000
 
@@ -77,3 +73,19 @@ def test_short_run_quiet_with_out(tmp_path):
     table = _final_table(text)
     assert table['run without EMA'] == table['EMA run, training weights']
     assert (tmp_path/'sub.png').stat().st_size > 20_000 and not (tmp_path/'ema_demo.png').exists()
+
+
+def test_finish_as_an_epoch(tmp_path):
+    "`--finish 1` is an int: the warmup ends at epoch 1"
+    text = _demo(tmp_path, '--epochs', '2', '--finish', '1')
+    assert "EMASchedule(0.9, 0.99, finish=1, validate_ema='both')" in text   # parsed as the int 1, not 1.0
+    _final_table(text)
+
+
+def test_bad_arguments_are_named(tmp_path):
+    for args, name in ((['--epochs', '0'], 'epochs'), (['--bs', '0'], 'bs'), (['--final-decay', '1.5'], 'final_decay'),
+                       (['--finish', '1.5'], 'finish'), (['--lr', '-1'], 'lr')):
+        out = subprocess.run([sys.executable, '-m', 'fastxtend_ema.demo', '--quiet', *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and 'Traceback' not in out.stderr, (args, out.stderr[-500:])
+        assert out.stderr.startswith('fastxtend_ema.demo: error: ') and name in out.stderr, (args, out.stderr)

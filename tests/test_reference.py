@@ -16,8 +16,7 @@ from fastai.callback.training import GradientAccumulation
 
 from fastxtend_ema import EMACallback, EMASchedule, SchedCos, SchedLin, SchedExp, SchedPoly
 
-warnings.filterwarnings('ignore')
-torch.set_num_threads(1)
+pytestmark = pytest.mark.filterwarnings('ignore')
 
 N_TRAIN, N_VALID, NF, BS = 64, 32, 4, 16
 N_ITER = N_TRAIN // BS  # 4 training batches per epoch
@@ -559,9 +558,12 @@ def test_resume_continues_from_model_ema_values():
     assert_ema(a.model_ema, ref)
 
 
-def test_resume_without_model_ema_raises():
-    with pytest.raises(ValueError):
-        fit(make_learner(), 1, cbs=EMACallback(resume=True))
+def test_resume_without_model_ema_starts_a_new_ema():
+    "Nothing to continue from (the first fit of `fine_tune`): `resume=True` starts a new EMA, as without it"
+    a, snap = make_learner(), Snap()
+    fit(a, 2, cbs=[EMACallback(decay=0.8, resume=True), snap])
+    ref, _ = ref_ema(snap, averaged_names(a.model), const(0.8))
+    assert_ema(a.model_ema, ref)
 
 
 def test_second_fit_without_resume_reinitialises():

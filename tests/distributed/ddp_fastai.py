@@ -123,9 +123,10 @@ def main(out, res):
     # save (rank 0) and load (every rank) of the BatchNorm EMA; then every rank gets rank 0's buffers in memory
     learn = BN_LEARNERS['bn_novalid']
     rec = res['bn_novalid']
-    learn.save('bn')   # after fit (the callback is gone): learn.model_ema is saved, by rank 0 only
+    learn.add_cb(EMACallback())   # checkpoints carry the EMA on a Learner with an EMA callback: learn.model_ema here
+    learn.save('bn')   # by rank 0 only
     rec['files'] = sorted(p.name for p in (out/f'bn_novalid{RANK}'/'models').glob('*'))
-    fresh = learner(bn_model(seed=50+RANK), out/'bn_novalid0')
+    fresh = learner(bn_model(seed=50+RANK), out/'bn_novalid0', cbs=EMACallback())
     torch.distributed.barrier()   # rank 0 has written bn.ema.pth (learn.load reads it before its own barrier: see 'race')
     fresh.load('bn')
     rec['loaded_ema'] = cpu_state(fresh.model_ema.state_dict())
@@ -133,18 +134,11 @@ def main(out, res):
     rec['ema_broadcast'] = cpu_state(learn.model_ema.state_dict())
 
     # load right after save, on every rank, while rank 0 is slow to write the EMA file (SaveModelCallback's
-    # reload of the best model at the end of fit does this): without, then with a barrier before load reads files
-    import fastxtend_ema.checkpoint as C
-    from fastai.torch_core import distrib_barrier
+    # reload of the best model at the end of fit does this). Once found without a barrier in `load`, which the library
+    # has now: both rounds run the library's own code
     for fixed in (False, True):
         rec = res['race_fixed' if fixed else 'race'] = {}
-        if fixed:
-            load = C.load_with_ema
-            def load_after_barrier(self, file, device=None, **kwargs):
-                distrib_barrier()
-                return load(self, file, device=device, **kwargs)
-            Learner.load = load_after_barrier
-        writer = learner(mlp(seed=0), out/'path0')
+        writer = learner(mlp(seed=0), out/'path0', cbs=EMACallback())
         writer.model_ema = mlp(seed=7 + fixed)
         rec['written'] = cpu_state(writer.model_ema.state_dict())
         save = torch.save
@@ -160,7 +154,7 @@ def main(out, res):
         else:
             writer.save('race')              # writes nothing on rank 1
             torch.distributed.barrier()      # rank 0 has written race.pth, and not race.ema.pth
-        reader = learner(mlp(seed=1), out/'path0')
+        reader = learner(mlp(seed=1), out/'path0', cbs=EMACallback())
         with warnings.catch_warnings(): warnings.simplefilter('ignore'); reader.load('race')
         m = getattr(reader, 'model_ema', None)
         rec['loaded'] = None if m is None else cpu_state(m.state_dict())

@@ -1,5 +1,5 @@
-"""fastai training of a `fully_shard`ed (FSDP2) model with `EMACallback`, on 2 gloo processes (CPU), with the integration
-proposed for the callback and the checkpoint hooks applied here (see tests/test_distributed.py); per-rank results.
+"""fastai training of a `fully_shard`ed (FSDP2) model with `EMACallback`, on 2 gloo processes (CPU): the library's own
+callback and checkpoint code (`learn.save` gathers the sharded EMA on every rank, rank 0 writes it); per-rank results.
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port P fsdp2_fastai.py OUT_DIR
 """
@@ -15,29 +15,8 @@ from fastxtend_ema import EMACallback
 from fastxtend_ema.update import ModelEMA
 from fastxtend_ema.distributed import make_model_ema, count_collectives
 
-def propose_integration():
-    "The changes proposed for 02_callback (`make_model_ema` in `_setup`) and 05_checkpoint (the EMA state on every rank)"
-    import fastxtend_ema.callback as CB, fastxtend_ema.checkpoint as C
-    from fastai.torch_core import rank_distrib
-    CB.ModelEMA = make_model_ema   # what `_setup` calls
-    def save_with_ema(self, file, **kwargs):
-        if hasattr(self, 'lr_finder'): return C._fastai_save(self, file, **kwargs)
-        swapped = [cb.averager for cb in C._ema_cbs(self) if cb.averager is not None and cb.averager.swapped]
-        for a in swapped: a.unswap()
-        try:
-            path = C._fastai_save(self, file, **kwargs)
-            state = C.learner_ema_state(self)   # every rank: a sharded EMA gathers its full state here (a collective)
-            if not rank_distrib():
-                if state is None: C.ema_file(path).unlink(missing_ok=True)
-                else: torch.save(state, C.ema_file(path))
-        finally:
-            for a in swapped: a.swap()
-        return path
-    C.save_with_ema = Learner.save = save_with_ema
-
 def main(out, res):
     dist.init_process_group('gloo')
-    propose_integration()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 5, generator=g), torch.randn(64, 3, generator=g)
     part = lambda r: slice(r*32, r*32+32)   # each rank 24 training rows (3 batches of 8) and 8 validation rows
