@@ -52,12 +52,12 @@ def make_bound(model, decay, avg_numel, ema_dtype):
     return lambda: e.add_(m, alpha=w)   # same traffic as a mixed-dtype lerp: read both, write the EMA once
 
 def make_ours(model, decay, shared):
-    from fastxtend_ema.update import ModelEMA
+    from fastxtend_ema.averager import ModelEMA
     ema = shared['ema'] = ModelEMA(model)
     return lambda: ema.update(decay)
 
 def make_ours_loop(model, decay, shared):
-    from fastxtend_ema.update import ModelEMA
+    from fastxtend_ema.averager import ModelEMA
     ema = ModelEMA(model, foreach=False, module=shared['ema'].module)   # same EMA tensors, per-tensor loop
     return lambda: ema.update(decay)
 

@@ -7,13 +7,22 @@ __all__ = []
 
 # %% ../nbs/index.ipynb #f9037107
 from importlib.metadata import version as _version, PackageNotFoundError as _NotFound
-from fastxtend_ema.callback import EMACallback, EMASchedule, SchedCos, SchedLin, SchedExp, SchedPoly
-from fastxtend_ema.update import ModelEMA
-from fastxtend_ema.decay import PowerDecay, ThresholdDecay, ExpDecay
-from fastxtend_ema.distributed import ShardedModelEMA, make_model_ema
-from fastxtend_ema.logging import LogDispatch, log_dispatch, patch_fastai_wandb
 try: __version__ = _version('fastxtend_ema')
 except _NotFound: __version__ = 'unknown'  # a source tree that was never installed
-__all__ = ['EMACallback', 'EMASchedule', 'SchedCos', 'SchedLin', 'SchedExp', 'SchedPoly', 'ModelEMA',
-           'PowerDecay', 'ThresholdDecay', 'ExpDecay', 'ShardedModelEMA', 'make_model_ema',
-           'LogDispatch', 'log_dispatch', 'patch_fastai_wandb']
+
+# The public names, loaded with their module on first use: `import fastxtend_ema.update` (or `.averager`, `.decay`)
+# needs no fastai, and `import fastxtend_ema` loads nothing but this file
+_LAZY = {**dict.fromkeys(['EMACallback', 'EMASchedule', 'EMAHorizonWarning', 'SchedCos', 'SchedLin', 'SchedExp', 'SchedPoly'], 'callback'),
+         **dict.fromkeys(['Averager', 'ModelEMA', 'ShardedModelEMA', 'make_averager'], 'averager'),
+         **dict.fromkeys(['PowerDecay', 'ThresholdDecay', 'ExpDecay'], 'decay'),
+         **dict.fromkeys(['LogDispatch', 'log_dispatch', 'patch_fastai_wandb'], 'loggers'),
+         'load_ema_weights': 'checkpoint'}
+__all__ = list(_LAZY)
+
+def __getattr__(name):
+    if name not in _LAZY: raise AttributeError(f"module 'fastxtend_ema' has no attribute {name!r}")
+    import importlib
+    value = globals()[name] = getattr(importlib.import_module(f'fastxtend_ema.{_LAZY[name]}'), name)
+    return value
+
+def __dir__(): return sorted({*globals(), *__all__})

@@ -4,7 +4,7 @@ prints a table of final scores and writes its PNG.
 The printed table is checked against fastai's own progress tables in the same output (its numbers come from the
 `Recorder`), and the demo's claim is checked as a claim: the EMA's validation loss is below the raw weights'. The digits
 themselves depend on the CPU, the thread count and the library versions, so no test compares them with recorded ones
-(nbs/03_demo.ipynb shows them as an example run, naming the machine and versions it came from).
+(nbs/07_demo.ipynb shows them as an example run, naming the machine and versions it came from).
 """
 import os, re, subprocess, sys
 from pathlib import Path
@@ -60,7 +60,7 @@ def test_readme_command(tmp_path):
     assert table['EMA run, training weights'] == fmt(ema[1], ema[2])
     assert table['EMA run, EMA weights'] == fmt(ema[3], ema[4])
     # the claim: at the demo's high learning rate the EMA's validation loss is well below the raw weights' (on every one
-    # of 10 seeds in nbs/03_demo.ipynb, by 40-60% on the machines it was run on); the raw columns of both runs agree
+    # of 10 seeds in nbs/07_demo.ipynb, by 40-60% on the machines it was run on); the raw columns of both runs agree
     assert float(table['EMA run, EMA weights'][0]) < float(table['run without EMA'][0])
     assert table['run without EMA'] == table['EMA run, training weights']
     png = tmp_path/'ema_demo.png'

@@ -108,7 +108,7 @@ def test_ema_built_before_the_ddp_wrap_with_the_proposed_fix(ddp, single):
 
 def test_ema_follows_a_parameter_whose_storage_was_replaced():
     "The bug above in one process: `Module.to` to a device that compares unequal ('cpu' vs 'cpu:0') replaces `p.data`"
-    from fastxtend_ema.update import ModelEMA
+    from fastxtend_ema.averager import ModelEMA
     m = nn.Linear(2, 2)
     ema = ModelEMA(m)
     m.to('cpu:0')   # what accelerate's prepare_model does on CPU (its device is cpu:0)
@@ -267,7 +267,7 @@ def fsdp_fastai(tmp_path_factory, fsdp):
     return out, launch('fsdp2_fastai.py', out)
 
 def test_fsdp2_with_fastai_and_the_proposed_integration(fsdp_fastai):
-    "EMACallback on a fully_shard'ed model, with `make_model_ema` in `_setup` and the EMA state computed on every rank in `save`"
+    "EMACallback on a fully_shard'ed model: `make_averager` gives it a ShardedModelEMA, and `learn.save` gathers the EMA on every rank"
     out, (r0, r1) = fsdp_fastai
     for res in (r0, r1):
         assert res['averager'] == 'ShardedModelEMA' and res['model_ema_type'] == 'Sequential'

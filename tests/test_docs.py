@@ -1,4 +1,4 @@
-"Every keyword argument the docs pass to a public callable exists in its signature (STYLE.md: no prose naming arguments that do not exist)."
+"Every keyword argument the docs pass to a public callable exists in its signature (the house style: no prose naming arguments that do not exist)."
 import inspect, json, re
 from pathlib import Path
 import pytest

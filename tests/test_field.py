@@ -186,7 +186,7 @@ def snapshot(learn) -> dict:
     cb = learn.ema
     return dict(model=state(learn.model), model_ema=state(learn.model_ema) if hasattr(learn, 'model_ema') else None,
                 model_ema_obj=learn.__dict__.get('model_ema'), opt=None if learn.opt is None else copy.deepcopy(learn.opt.state_dict()),
-                opt_obj=learn.opt, cbs=list(learn.cbs), pending=cb._pending, averager=cb.averager,
+                opt_obj=learn.opt, cbs=list(learn.cbs), loaded=cb._loaded, averager=cb.averager,
                 counters=(cb.steps, cb.updates, cb.started))
 
 def assert_unchanged(before:dict, learn):
@@ -194,7 +194,7 @@ def assert_unchanged(before:dict, learn):
     assert_same(before['model'], after['model'])
     assert (before['model_ema'] is None) == (after['model_ema'] is None)
     if before['model_ema'] is not None: assert_same(before['model_ema'], after['model_ema'])
-    for k in ('model_ema_obj', 'opt_obj', 'pending', 'averager'): assert before[k] is after[k], k
+    for k in ('model_ema_obj', 'opt_obj', 'loaded', 'averager'): assert before[k] is after[k], k
     assert before['cbs'] == after['cbs'] and before['counters'] == after['counters']
     if before['opt'] is not None: assert repr(before['opt']) == repr(after['opt'])
 
@@ -276,7 +276,7 @@ def test_save_model_callback_leaves_no_ema_for_the_next_fit(tmp_path):
     assert tracked.ema.started and tracked.ema.updates == 6   # the second fit: epoch 1 of 2, 6 steps after its start
     plain, _ = run(False)
     assert (plain.ema.steps, plain.ema.updates) == (tracked.ema.steps, tracked.ema.updates)
-    assert tracked.ema._pending is None
+    assert tracked.ema._loaded is None
 
 def test_learner_without_ema_runs_fastai_save_and_load(tmp_path):
     "Same files, same errors as plain fastai: its methods are the class's own"
@@ -308,7 +308,7 @@ def test_default_decay_on_a_short_fit_warns_with_the_numbers():
                     cbs=EMACallback(), path=tempfile.mkdtemp(prefix='fxema_'))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
-        learn.ema._prepare(3, len(learn.dls.train)); learn.ema._check_horizon(3, len(learn.dls.train))
+        learn.ema._check_horizon(3, len(learn.dls.train))
     msgs = [str(o.message) for o in w if issubclass(o.category, EMAHorizonWarning)]
     assert len(msgs) == 1 and '252 training batches' in msgs[0] and 'about 5,000 steps' in msgs[0], msgs
     assert 'EMASchedule()' in msgs[0] and 'half_life=13' in msgs[0] and '95%' in msgs[0], msgs

@@ -17,25 +17,16 @@ from fastai.learner import Learner
 from fastai.losses import MSELossFlat
 from fastai.optimizer import SGD
 from fastxtend_ema.callback import EMACallback, EMASchedule
-from fastxtend_ema.logging import LogDispatch, log_dispatch, patch_fastai_wandb, _wandb_config_broken
+from fastxtend_ema.test_utils import synth_learner as _synth_learner, fit_quiet
+from fastxtend_ema.loggers import LogDispatch, log_dispatch, patch_fastai_wandb, _wandb_config_broken
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------------- test bed
 def synth_learner(cbs=None, lr=0.05, seed=0):
-    "A small regression Learner: 6 training and 2 validation batches per epoch, no shuffling"
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(128, 4, generator=g)
-    y = x @ torch.tensor([[1.], [-2.], [.5], [3.]]) + 0.3*torch.randn(128, 1, generator=g)
-    ds = list(zip(x, y))
-    dls = DataLoaders(DataLoader(ds[:96], bs=16, shuffle=False), DataLoader(ds[96:], bs=16), device='cpu')
+    "`test_utils.synth_learner` with a model without BatchNorm: 6 training and 2 validation batches per epoch"
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
-    return Learner(dls, model, loss_func=MSELossFlat(), opt_func=SGD, lr=lr, cbs=cbs)
-
-def fit_quiet(learn, n_epoch):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch)
-    return learn
+    return _synth_learner(cbs=cbs, lr=lr, seed=seed, model=nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1)))
 
 class Emitter(Callback):
     "Hands `x` (and `probe/neg_x`) to `LogDispatch` at every training batch, `x_valid` after every validation"
@@ -61,7 +52,7 @@ class EMALogged(EMASchedule):
     def after_batch(self):
         started, updates = self.started, self.updates
         super().after_batch()   # logs `ema_decay` through log_dispatch when a logger is on the Learner
-        if self._p.ld is not None:
+        if self._fit.ld is not None:
             self.sent.append(0. if not started else self.last_decay if self.updates > updates else 1.)
 
 class Probe(Callback):
@@ -91,7 +82,7 @@ def test_import_has_no_side_effects():
     # the package's __init__ (whose fastai imports patch Learner, fastai's own doing) is checked in test_project.py
     code = ("import sys, fastxtend_ema, fastai.callback.core as c; from fastai.learner import Learner; "
             "before = (list(c.defaults.callbacks), dict(vars(Learner))); "
-            "import fastxtend_ema.logging; "
+            "import fastxtend_ema.loggers; "
             "print(before == (list(c.defaults.callbacks), dict(vars(Learner))), 'wandb' in sys.modules, "
             "'tensorboard' in sys.modules, 'fastai.callback.wandb' in sys.modules)")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=ROOT).stdout.split()
@@ -111,7 +102,7 @@ def test_tensorboard_values_on_the_loggers_steps(tmp_path):
     emitter, ema, probe = Emitter(), EMALogged(0.5, 0.99, finish=0.5), Probe('tensorboard')
     learn = fit_quiet(tb_learner([emitter, ema, probe], tmp_path), 2)
     check_is(learn.log_dispatch, emitter.ld)
-    check_is(ema._p.ld, emitter.ld)
+    check_is(ema._fit.ld, emitter.ld)
     n = 12
     check_eq(len(probe.steps), n)
     check_eq(probe.steps, list(range(1, n+1)))   # learn.train_iter after each batch
@@ -191,7 +182,7 @@ def test_without_a_logger_nothing_runs_per_batch(tmp_path, monkeypatch):
     emitter, ema = Emitter(), EMALogged(0.5, 0.99)
     learn = fit_quiet(synth_learner(cbs=[emitter, ema]), 2)
     check_is(log_dispatch(learn), None)
-    check_is(emitter.ld, None); check_is(ema._p.ld, None)
+    check_is(emitter.ld, None); check_is(ema._fit.ld, None)
     check_eq([cb for cb in learn.cbs if isinstance(cb, LogDispatch)], [])
     check_eq(sum(calls.values()), 0)
     check_eq(ema.updates, 12)   # the EMA itself ran

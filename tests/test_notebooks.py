@@ -12,7 +12,7 @@ SKIP = [f for f in ('slow', 'cuda', 'multicuda') if f not in FORCE]
 
 def test_found_notebooks():
     names = {p.name for p in NOTEBOOKS}
-    assert {'index.ipynb', '00_update.ipynb', '01_decay.ipynb', '02_callback.ipynb'} <= names, names
+    assert {'index.ipynb', '00_update.ipynb', '01_averager.ipynb', '02_decay.ipynb', '05_callback.ipynb', '97_test_utils.ipynb'} <= names, names
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[str(p.relative_to(NBS)) for p in NOTEBOOKS])
 def test_notebook(nb):

@@ -1,5 +1,5 @@
 "The project's promises about itself: one source per fact, README in step, an import with no side effects."
-import configparser, re, subprocess, sys, tomllib
+import configparser, json, re, subprocess, sys, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +78,57 @@ def test_license_is_the_declared_one():
     text = (ROOT/'LICENSE').read_text()
     assert text.lstrip().startswith('Apache License') and 'Version 2.0, January 2004' in text
     assert _settings()['license'] == 'apache2'
+
+# ----------------------------------------------------------------------------- the layout (nbs/index.ipynb, "Notebooks")
+
+def _modules() -> dict[str, tuple[int, str]]:
+    "module name -> (notebook number, source) for every generated module numbered by its notebook"
+    out = {}
+    for p in (ROOT/'fastxtend_ema').glob('*.py'):
+        m = re.search(r'File to edit: \.\./nbs/(\d+)_', p.read_text()[:600])
+        if m: out[p.stem] = (int(m.group(1)), p.read_text())
+    return out
+
+def _imports(src:str) -> set[str]:
+    "Package modules `src` imports anywhere, lazy imports inside functions included"
+    return set(re.findall(r'^\s*from\s+(?:fastxtend_ema)?\.(\w+)\s+import', src, re.M)) | \
+           set(re.findall(r'(?:from|import)\s+fastxtend_ema\.(\w+)', src))
+
+def test_modules_import_only_earlier_notebooks():
+    mods = _modules()
+    assert {'update', 'averager', 'decay', 'loggers', 'checkpoint', 'callback', 'distributed', 'demo', 'test_utils'} <= set(mods)
+    back = [f'{m} ({n}) imports {d} ({mods[d][0]})' for m,(n,src) in mods.items() for d in _imports(src) if d in mods and mods[d][0] >= n]
+    assert not back, back
+    assert _imports("def f():\n    from fastxtend_ema.callback import X\n") == {'callback'}   # the scan sees lazy imports
+
+def test_core_needs_no_fastai():
+    for mod in ('update', 'averager', 'decay'):
+        _run(f"import sys, fastxtend_ema.{mod}; assert 'fastai' not in sys.modules, sorted(m for m in sys.modules if m.startswith('fastai'))")
+    assert _run("import sys, fastxtend_ema; print('fastai' in sys.modules, 'torch' in sys.modules)") == 'False False'
+
+def test_no_test_instrument_in_the_library():
+    "Test helpers live in `test_utils` alone; no module but it exports one"
+    for m,(_,src) in _modules().items():
+        if m != 'test_utils': assert 'count_collectives' not in src and 'TorchDispatchMode' not in src, m
+
+def _doc_texts():
+    yield ROOT/'README.md', (ROOT/'README.md').read_text()
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')):
+        yield nb, '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'])
+    for p in sorted((ROOT/'tests').rglob('*.py')): yield p, p.read_text()
+
+def test_docs_point_only_to_files_in_the_repo():
+    "Every repository path the docs and tests name exists (no notes kept outside the repo)"
+    pat = re.compile(r'(?<![\w/.-])((?:nbs|tests|benchmarks|tools|\.ci)/[\w./-]*\w|[A-Z][A-Z_]+\.md)\b')
+    missing = sorted({f'{p.relative_to(ROOT)}: {m}' for p,text in _doc_texts() for m in pat.findall(text)
+                      if not (ROOT/m).exists() and '*' not in m and not m.startswith('tests/distributed/rank')})
+    assert not missing, missing
+
+def test_every_public_name_has_its_docs():
+    "Each name a module exports is shown by `show_doc` in its notebook"
+    for m,(n,src) in _modules().items():
+        names = re.findall(r"'(\w+)'", re.search(r'__all__ = \[(.*?)\]', src, re.S).group(1))
+        nb = next((ROOT/'nbs').glob(f'{n:02d}_*.ipynb'))
+        text = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code')
+        missing = [x for x in names if not re.search(rf'show_doc\({x}\b', text) and not x.isupper()]
+        assert not missing, (m, missing)

@@ -1,7 +1,8 @@
 """Independent reference tests for `fastxtend_ema` (EMACallback / EMASchedule).
 
-Every expected EMA is recomputed here in float64 from per-batch snapshots of the
-training weights, following the written spec, and compared with `learn.model_ema`.
+Every expected EMA is recomputed here in float64 from per-batch snapshots of the training weights, following the
+written spec, and compared with `learn.model_ema`. The reference below is written apart from `test_utils.reference_ema`
+on purpose: two independent implementations of the spec agreeing with the package. The Learner is the shared one.
 """
 import copy, functools, math, warnings
 
@@ -15,6 +16,7 @@ from fastai.callback.core import CancelStepException
 from fastai.callback.training import GradientAccumulation
 
 from fastxtend_ema import EMACallback, EMASchedule, SchedCos, SchedLin, SchedExp, SchedPoly
+from fastxtend_ema.test_utils import synth_dls, synth_model
 
 pytestmark = pytest.mark.filterwarnings('ignore')
 
@@ -25,22 +27,12 @@ N_ITER = N_TRAIN // BS  # 4 training batches per epoch
 # ----------------------------------------------------------------------------- fixtures / helpers
 
 def make_dls(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    n = N_TRAIN + N_VALID
-    x = torch.randn(n, NF, generator=g)
-    w = torch.randn(NF, generator=g)
-    y = torch.sin(x @ w) + x[:, 0] * x[:, 1] + 0.1 * torch.randn(n, generator=g)
-    items = [(x[i], y[i]) for i in range(n)]
-    trn, val = items[:N_TRAIN], items[N_TRAIN:]
-    return DataLoaders(DataLoader(trn, bs=BS, shuffle=False, drop_last=False),
-                       DataLoader(val, bs=BS, shuffle=False, drop_last=False), device='cpu')
+    "The test bed of `fastxtend_ema.test_utils`, 64 training rows: 4 batches an epoch, not shuffled"
+    return synth_dls(n_train=N_TRAIN, n_valid=N_VALID, bs=BS, seed=seed)
 
 
 def make_model(seed=1):
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(NF, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 1))
-    m[3].bias.requires_grad_(False)  # a frozen parameter
-    return m
+    return synth_model(seed)   # BatchNorm, and a frozen parameter (the last bias)
 
 
 class Cast(nn.Module):
@@ -110,7 +102,7 @@ class Snap(Callback):
         sch = getattr(self.learn, 'ema_schedule', None)
         if sch is not None:
             rec['last_decay'] = getattr(sch, 'last_decay', None)
-            rec['decay'] = getattr(sch, 'decay', None)
+            rec['decay'] = getattr(sch, 'current_decay', None)
         self.snap_recs.append(rec)
 
     def after_train(self): self.snap_epoch_end.append(len(self.snap_recs))

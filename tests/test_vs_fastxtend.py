@@ -26,6 +26,7 @@ from fastai.data.load import DataLoader
 from fastai.callback.schedule import SchedLin
 
 from fastxtend_ema import EMACallback, EMASchedule
+from fastxtend_ema.test_utils import synth_dls, synth_model, fit_quiet, valid_loss
 
 FASTXTEND_VERSION = '0.1.7'
 N_ITER = 4                      # 64 training samples, bs=16
@@ -37,37 +38,15 @@ EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- test bed, shared with the subprocess
-# (from nbs/02_callback.ipynb; 64 training samples so that 3 epochs are the 12 steps of tests/fastxtend_notes.md)
-
-def synth_dls(n_train=64, n_valid=32, bs=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train+n_valid, 4, generator=g)
-    y = x @ torch.tensor([[1.], [-2.], [.5], [3.]]) + 0.3*torch.randn(n_train+n_valid, 1, generator=g)
-    ds = list(zip(x, y))
-    return DataLoaders(DataLoader(ds[:n_train], bs=bs, shuffle=False), DataLoader(ds[n_train:], bs=bs), device='cpu')
-
-def synth_model(seed=0):
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(4,16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16,1))
-    m[3].bias.requires_grad_(False)
-    return m
+# (the test bed of fastxtend_ema.test_utils, with 64 training samples: 3 epochs are 12 steps)
 
 def synth_learner(cbs=None, lr=0.05, seed=0):
-    return Learner(synth_dls(seed=seed), synth_model(seed), loss_func=MSELossFlat(), opt_func=SGD, lr=lr, cbs=cbs)
-
-def fit_quiet(learn, n_epoch):
-    with learn.no_bar(), learn.no_logging(): learn.fit(n_epoch)
-    return learn
+    "The test bed of `fastxtend_ema.test_utils`, 64 training rows: 4 batches an epoch"
+    return Learner(synth_dls(n_train=64, seed=seed), synth_model(seed), loss_func=MSELossFlat(), opt_func=SGD, lr=lr, cbs=cbs)
 
 def state(model):
     "float64 copy of a state_dict, as JSON-able lists"
     return {k: v.detach().double().tolist() for k, v in model.state_dict().items()}
-
-def valid_loss(model, dls):
-    model.eval()
-    with torch.no_grad():
-        losses = [(MSELossFlat()(model(x), y).item(), len(x)) for x, y in dls.valid]
-    return sum(l*n for l, n in losses)/sum(n for _, n in losses)
 
 class Snapshots(Callback):
     "After every optimizer step: a float64 copy of the model's state; after every training batch: its BN counter"
@@ -120,7 +99,7 @@ def run_all():
             except Exception as e: r['refit'] = dict(error=f'{type(e).__name__}: {e}')
     return res
 
-SHARED = [synth_dls, synth_model, synth_learner, fit_quiet, state, valid_loss, Snapshots, DecayLog, run_constant, run_all]
+SHARED = [synth_learner, state, Snapshots, DecayLog, run_constant, run_all]
 
 FX_SCRIPT = '''
 import json, sys, warnings
@@ -135,6 +114,7 @@ from torch import nn
 from fastai.basics import Learner, Callback, DataLoaders, MSELossFlat, SGD
 from fastai.data.load import DataLoader
 from fastai.callback.schedule import SchedLin
+from fastxtend_ema.test_utils import synth_dls, synth_model, fit_quiet, valid_loss
 torch.set_num_threads(1)
 {shared}
 res = run_all()

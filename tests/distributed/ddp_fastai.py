@@ -12,7 +12,8 @@ from fastai.distributed import DistributedDL
 from fastai.callback.tracker import SaveModelCallback
 from fastxtend_ema import EMACallback
 from fastxtend_ema.update import unwrap_model
-from fastxtend_ema.distributed import count_collectives, broadcast_buffers_
+from fastxtend_ema.distributed import broadcast_buffers_
+from fastxtend_ema.test_utils import count_collectives
 
 def _broadcast(self, t, rank):
     "fastai 2.8's `DistributedDL._broadcast` without its `.cuda()`: gloo broadcasts CPU tensors"

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from fastxtend_ema.update import ModelEMA, named_tensors
-from fastxtend_ema.distributed import ShardedModelEMA, make_model_ema, count_collectives, local_tensor, is_sharded
+from fastxtend_ema.update import named_tensors
+from fastxtend_ema.averager import ModelEMA, ShardedModelEMA, make_averager, local_tensor, is_sharded, ema_state
+from fastxtend_ema.test_utils import count_collectives
 
 def shard(m):
     fully_shard(m[0]); fully_shard(m)
@@ -27,7 +28,7 @@ def main(out, res):
     xs, ys = torch.randn(8, 16, 5, generator=g), torch.randn(8, 16, 3, generator=g)   # 8 global batches of 16 rows
     mine = slice(RANK*8, (RANK+1)*8)                                                   # this rank's 8 rows of each
     plain, sharded = model(), shard(model())
-    ema_p, ema_s = ModelEMA(plain), make_model_ema(sharded)
+    ema_p, ema_s = ModelEMA(plain), make_averager(sharded)
     res['types'] = type(ema_p).__name__, type(ema_s).__name__
     opt_p, opt_s = torch.optim.SGD(plain.parameters(), lr=0.1), torch.optim.SGD(sharded.parameters(), lr=0.1)
     res['update_ops'], res['step_ops'] = [], []
@@ -58,7 +59,7 @@ def main(out, res):
     res['big_nbytes'] = ShardedModelEMA(big).nbytes()
 
     # the full state: gathered (a collective), plain names, loads into a plain model; `module` is a plain module
-    with count_collectives() as ops: sd = ema_s.state_dict()
+    with count_collectives() as ops: sd = ema_s.tensors()
     res['state_dict_ops'], res['state_dict'] = ops, cpu_state(sd)
     fresh = model(seed=1); fresh.load_state_dict(sd)
     m = ema_s.module
@@ -68,7 +69,7 @@ def main(out, res):
     res['module_again'] = ema_s.module is m
 
     # loading a full state: every rank keeps its slice, with no communication; then the EMA written into the model
-    with count_collectives() as ops: ema_s.load_state_dict(ema_p.module.state_dict())
+    with count_collectives() as ops: ema_s.load_state(ema_state(True, 0, 0, ema_p.module.state_dict()))
     res['load_ops'], res['loaded_local'] = ops, local_state(ema_s)
     ema_s.copy_to_model()
     with torch.no_grad(): res['copied_out'] = sharded(x)   # all-gathers the EMA weights the model now holds

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from fastai.basics import *
 from fastxtend_ema import EMACallback
-from fastxtend_ema.update import ModelEMA
-from fastxtend_ema.distributed import make_model_ema, count_collectives
+from fastxtend_ema.averager import ModelEMA
+from fastxtend_ema.test_utils import count_collectives
 
 def main(out, res):
     dist.init_process_group('gloo')
