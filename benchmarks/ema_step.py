@@ -1,11 +1,15 @@
 """Time one EMA step of fastxtend_ema and its peers on real model shapes, against the one-pass memory bound.
 
-Models are built from `transformers` configs with random weights (nothing is downloaded). The bound is one
-`lerp_` over a contiguous buffer with as many elements as fastxtend_ema averages (for a bf16 model with an fp32 EMA:
-one `add_` of a bf16 buffer into an fp32 one, the same memory traffic). Every implementation runs on prebuilt state,
-so the table shows the per-step cost a training loop pays. Prints a markdown table, writes JSON and a PNG.
+Models are built from `transformers` configs with random weights (nothing is downloaded). The bound is one fp32
+`lerp_` over contiguous buffers with as many elements as fastxtend_ema averages (12 bytes moved per element), for an
+fp32 model and for a bf16 model alike (the ideal mixed step moves 10: the bf16 model read, the fp32 EMA read and
+written). Every implementation runs on prebuilt state, round-robin, so the table shows the per-step cost a training
+loop pays; the bytes each step allocates are the profiler's (each operator's own allocations). With `--dtype bf16`,
+the rows are fastxtend_ema's two mixed kernels (staging, compiled: its compile time and recompiles are reported), the
+`mul_`+`add_` step they replace, and the peers, which keep a bf16 EMA. Prints a markdown table, writes JSON and a PNG.
 
-    python benchmarks/ema_step.py                       # CPU, all five models
+    python benchmarks/ema_step.py                       # CPU, fp32 models, all five
+    python benchmarks/ema_step.py --dtype bf16          # bf16 models, fp32 EMA
     python benchmarks/ema_step.py --quick               # smoke test: tiny models, few repeats (CI runs this)
     python benchmarks/ema_step.py --device cuda --dtype bf16
 """
@@ -43,18 +47,45 @@ def _tiny_models():
 # ---------------------------------------------------------------- implementations
 # Each maker takes (model, decay) and returns a step function; the state it needs is built once, outside the timing.
 
-def make_bound(model, decay, avg_numel, ema_dtype):
+def make_bound(model, decay, avg_numel):
+    "One fp32 lerp_ over contiguous buffers of the averaged element count: 12 bytes moved per element"
     p = next(model.parameters())
-    e = torch.zeros(avg_numel, device=p.device, dtype=ema_dtype)
-    m = torch.ones(avg_numel, device=p.device, dtype=p.dtype)
-    w = 1 - decay
-    if e.dtype == m.dtype: return lambda: e.lerp_(m, w)
-    return lambda: e.add_(m, alpha=w)   # same traffic as a mixed-dtype lerp: read both, write the EMA once
+    e,m = torch.zeros(avg_numel, device=p.device),torch.ones(avg_numel, device=p.device)
+    return lambda: e.lerp_(m, 1 - decay)
+
+def make_copy(model, decay, avg_numel):
+    "One fp32 copy_ over contiguous buffers of the averaged element count: the copy bandwidth (8 bytes per element)"
+    p = next(model.parameters())
+    e,m = torch.zeros(avg_numel, device=p.device),torch.ones(avg_numel, device=p.device)
+    return lambda: e.copy_(m)
 
 def make_ours(model, decay, shared):
     from fastxtend_ema.averager import ModelEMA
     ema = shared['ema'] = ModelEMA(model)
     return lambda: ema.update(decay)
+
+def make_ours_compiled(model, decay, shared):
+    "The compiled mixed step; its first call (the compile) is timed here, and the compiles of later new weights counted"
+    from fastxtend_ema.averager import ModelEMA
+    import torch._dynamo.utils as du
+    ema = ModelEMA(model, compile=True, module=shared['ema'].module)
+    if ema.avg.mixed is None: return None   # an fp32 model has no mixed step
+    graphs = lambda: du.counters['stats']['unique_graphs']
+    t, g0 = time.perf_counter(), graphs()
+    ema.update(decay)
+    shared['compile_s'] = time.perf_counter() - t
+    for d in (0.9, 0.99, 0.5, decay): ema.update(d)   # new weights every step: a recompile would show here
+    shared['recompiles'] = graphs() - g0 - 1
+    shared['compiled_mode'] = ema.avg.mixed.mode
+    return lambda: ema.update(decay)
+
+def make_mul_add(model, decay, shared):
+    "The mixed step this package used before MixedLerp: `_foreach_mul_` + `_foreach_add_`"
+    groups = shared['ema'].avg.groups
+    if 'mixed' not in groups: return None
+    e, m = groups['mixed']
+    def step(): torch._foreach_mul_(e, decay); torch._foreach_add_(e, m, alpha=1 - decay)
+    return step
 
 def make_ours_loop(model, decay, shared):
     from fastxtend_ema.averager import ModelEMA
@@ -97,6 +128,8 @@ def make_timm(model, decay, shared=None):
 
 IMPLS = {
     'fastxtend_ema': make_ours,
+    'fastxtend_ema (compiled)': make_ours_compiled,
+    'mul_+add_ (previous mixed step)': make_mul_add,
     'fastxtend_ema (loop)': make_ours_loop,
     'foreach_lerp_ (prebuilt lists)': make_foreach_lerp,
     'fastxtend 0.1.7 (foreach)': make_fastxtend,
@@ -130,7 +163,7 @@ def step_alloc_bytes(step, device):
         return torch.cuda.max_memory_allocated() - base
     from torch.profiler import profile, ProfilerActivity
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: step()
-    return sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())   # self: an allocation counted once
 
 def averaged_numel(model):
     from fastxtend_ema.update import select_tensors, named_tensors
@@ -147,18 +180,19 @@ def run(models, impls, device, dtype, reps, decay=0.9998):
         model = build().to(device)
         if dtype == 'bf16': model = model.to(torch.bfloat16)
         n = averaged_numel(model)
-        ema_dtype = torch.float32
         r = dict(model=name, params_m=round(n/1e6, 2), n_tensors=len(list(model.parameters())) + len(list(model.buffers())))
-        steps, shared = {'bound': make_bound(model, decay, n, ema_dtype)}, {}
+        steps, shared = {'bound': make_bound(model, decay, n), 'copy': make_copy(model, decay, n)}, {}
         for impl in ['fastxtend_ema'] + [i for i in impls if i != 'fastxtend_ema']:
             try: step = IMPLS[impl](model, decay, shared)
             except ImportError as e:
                 r[impl + ' (why)'] = f'not importable: {e}'.splitlines()[0]; continue
             if step is not None: steps[impl] = step
         t = time_steps(steps, device, reps)
-        r['bound_us'] = t.pop('bound')*1e6
+        r['bound_us'],r['copy_us'] = t.pop('bound')*1e6,t.pop('copy')*1e6
         for impl in impls: r[impl] = t[impl]*1e6 if impl in t else None
-        r['fastxtend_ema alloc bytes'] = step_alloc_bytes(steps['fastxtend_ema'], device)
+        for k in ('compile_s', 'recompiles', 'compiled_mode'): r[k] = shared.get(k)
+        for impl in ('fastxtend_ema', 'fastxtend_ema (compiled)', 'mul_+add_ (previous mixed step)'):
+            if impl in steps: r[f'{impl} alloc bytes'] = step_alloc_bytes(steps[impl], device)
         del steps, shared
         if device.type == 'cuda': torch.cuda.empty_cache()
         rows.append(r)
@@ -176,7 +210,13 @@ def table(rows, impls):
             v = r.get(impl)
             cells.append('n/a' if v is None else f"{v:,.0f} ({v/r['bound_us']:.2f}x)")
         lines.append(f'| {impl} | ' + ' | '.join(cells) + ' |')
-    lines.append('| fastxtend_ema bytes allocated per step | ' + ' | '.join(str(r.get('fastxtend_ema alloc bytes')) for r in rows) + ' |')
+    for impl in ('fastxtend_ema', 'fastxtend_ema (compiled)', 'mul_+add_ (previous mixed step)'):
+        if any(f'{impl} alloc bytes' in r for r in rows):
+            lines.append(f'| {impl}: bytes allocated per step | ' + ' | '.join(f"{r[f'{impl} alloc bytes']:,}" if f'{impl} alloc bytes' in r else 'n/a' for r in rows) + ' |')
+    lines.append('| copy bandwidth: fp32 `copy_` (µs) | ' + ' | '.join(f"{r['copy_us']:,.0f}" for r in rows) + ' |')
+    if any(r.get('compile_s') for r in rows):
+        lines.append('| compiled step: first call (compile, s) | ' + ' | '.join(f"{r['compile_s']:.1f}" if r.get('compile_s') else 'n/a' for r in rows) + ' |')
+        lines.append('| compiled step: recompiles for 4 new weights | ' + ' | '.join(str(r.get('recompiles')) for r in rows) + ' |')
     return '\n'.join(lines)
 
 def plot(rows, impls, path, title):
@@ -215,7 +255,9 @@ def main(argv=None):
     print(f'# {title}', file=sys.stderr)
     rows = run(models, impls, device, a.dtype, reps)
     md = table(rows, impls)
-    print(f'{title}\n\n{md}')
+    note = ('\n\nfastxtend_ema keeps the EMA of the bf16 model in fp32; the peers keep it in bf16 (the model\'s dtype), '
+            'where an update of 1e-4 of a weight rounds away' if a.dtype == 'bf16' else '')
+    print(f'{title}\n\n{md}{note}')
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"ema_step_{a.device}_{a.dtype}{'_quick' if a.quick else ''}"
     (a.out/f'{stem}.json').write_text(json.dumps(dict(title=title, machine=machine, rows=rows), indent=1))

@@ -97,8 +97,8 @@ class Averager:
 
     @torch.no_grad()
     def sync(self):
-        "Copy the non-averaged tensors (integer buffers, frozen weights) from the model"
-        self.copied.copy_()
+        "Bring the EMA up to date: an update in flight applied, the non-averaged tensors (integer buffers, frozen weights) copied"
+        self.avg.flush(); self.copied.copy_()
 
 # %% ../nbs/01_averager.ipynb #be0438b1
 @patch
@@ -144,7 +144,7 @@ def load_state(self:Averager,
     state = check_ema_state(state, where)
     self.check(state['tensors'], where)
     was = self.swapped
-    self.unswap()
+    self.unswap(); self.avg.discard()
     self.load_tensors(state['tensors'])
     self.started,self.steps,self.updates = state['started'],state['steps'],state['updates']
     if was: self.swap()
@@ -154,7 +154,7 @@ def load_state(self:Averager,
 @torch.no_grad()
 def copy_to_model(self:Averager):
     "Write the EMA weights into the model for good, cast to its dtypes and devices"
-    self.unswap(); self.refresh()
+    self.unswap(); self.refresh(); self.avg.flush()
     copy_tensors_(self.avg.model, self.avg.ema, self.avg.foreach)
 
 # %% ../nbs/01_averager.ipynb #c761a604
@@ -168,6 +168,7 @@ class ModelEMA(Averager):
         ema_dtype:torch.dtype|None=None, # EMA dtype of floating tensors; `None`: fp32 for fp16/bf16, else the model's
         foreach:bool|None=None, # Fused multi-tensor update; `None`: where available
         module:nn.Module|None=None, # An existing EMA module to continue from (e.g. `learn.model_ema`)
+        compile:bool=False, # Compile the step of a bf16/fp16 model's fp32 EMA (`MixedLerp`)
     ):
         super().__init__()
         self.model = model
@@ -176,7 +177,7 @@ class ModelEMA(Averager):
         else: check_state(model, module.state_dict(), 'EMA module')
         self.module = module
         mt,et = named_tensors(model),named_tensors(module)
-        self.avg = EMAPairs([mt[n] for n in self.avg_names], [et[n] for n in self.avg_names], foreach)
+        self.avg = EMAPairs([mt[n] for n in self.avg_names], [et[n] for n in self.avg_names], foreach, compile)
         self.copied = EMAPairs([mt[n] for n in self.copy_names], [et[n] for n in self.copy_names], foreach)
 
     def tensors(self) -> dict[str,Tensor]:
@@ -295,9 +296,10 @@ class ShardedModelEMA(Averager):
         ema_dtype:torch.dtype|None=None, # EMA dtype of floating tensors; `None`: fp32 for fp16/bf16, else the model's
         foreach:bool|None=None, # Fused multi-tensor update; `None`: where available
         module:nn.Module|None=None, # A plain module holding a full EMA to continue from (e.g. `learn.model_ema`)
+        compile:bool=False, # Compile the step of bf16/fp16 shards' fp32 EMA (`MixedLerp`)
     ):
         super().__init__()
-        self.model,self.foreach = reshard_(model),foreach
+        self.model,self.foreach,self.compile = reshard_(model),foreach,compile
         self.avg_names,self.copy_names = select_tensors(model, all_parameters, all_buffers)
         avg,mt = set(self.avg_names),named_tensors(model)
         # how to gather a full tensor from the shards, and to cut this rank's shard out of a full tensor
@@ -321,7 +323,7 @@ def refresh(self:ShardedModelEMA):
     "Pair the EMA with the model's current local shards (after anything that may have replaced them, such as `model.to`)"
     if self.swapped: raise RuntimeError('the EMA is swapped into the model: call unswap() first')
     mt = {n:local_tensor(t) for n,t in named_tensors(reshard_(self.model)).items()}
-    self.avg = EMAPairs([mt[n] for n in self.avg_names], [self.ema[n] for n in self.avg_names], self.foreach)
+    self.avg = EMAPairs([mt[n] for n in self.avg_names], [self.ema[n] for n in self.avg_names], self.foreach, self.compile)
     self.copied = EMAPairs([mt[n] for n in self.copy_names], [self.ema[n] for n in self.copy_names], self.foreach)
 
 # %% ../nbs/01_averager.ipynb #dc4898bf

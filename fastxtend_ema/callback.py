@@ -14,15 +14,15 @@ from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
 from fastai.learner import Learner, Metric, AvgLoss, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
-from .update import unwrap_model
+from .update import unwrap_model, select_tensors, named_tensors, ema_dtype_for, check_state
 from .averager import Averager, make_averager, ema_state
 from .decay import (check_decay, call_user, decay_from, half_life_decay, check_every, interval_decay,
                                  check_when, as_fraction, progress)
 from .loggers import log_dispatch, is_training_fit
-from .checkpoint import attach_ema_checkpoints, detach_ema_checkpoints
+from .checkpoint import attach_ema_checkpoints, detach_ema_checkpoints, read_ema_file
 
 # %% auto #0
-__all__ = ['EMACallback', 'EMAHorizonWarning', 'EMAMetricValue', 'EMASchedule']
+__all__ = ['EMABase', 'EMACallback', 'EMAHorizonWarning', 'EMAMetricValue', 'EMASchedule', 'recompute_bn']
 
 # %% ../nbs/05_callback.ipynb #f8c6902c
 class _DefaultDecay(float):
@@ -85,10 +85,58 @@ def _pct(learn:Learner, batches_done:int) -> float:
     "Fraction of this fit's training batches done, counted exactly (fastai's `pct_train` accumulates rounding)"
     return (learn.epoch*learn.n_iter + batches_done)/(learn.n_epoch*learn.n_iter)
 
-# %% ../nbs/05_callback.ipynb #e46c7668
-class EMACallback(Callback):
-    "Keep an exponential moving average of the model's weights, updated after every optimizer step"
+# %% ../nbs/05_callback.ipynb #278bcfa0
+class EMABase(Callback):
+    "What a callback keeping EMAs of the model shares: checkpoints carried by `learn.save`/`load`, validation on an EMA"
     order,run_valid = MixedPrecision.order+1,False
+    @property
+    def learn(self) -> Learner|None:
+        "The Learner this callback is on"
+        return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn):
+        # fastai sets `cb.learn` when it adds or removes the callback: that Learner's save/load carry the EMA while it is on
+        old,self.__dict__['_learn'] = self.__dict__.get('_learn'),learn
+        if learn is not None: attach_ema_checkpoints(learn)
+        elif old is not None: detach_ema_checkpoints(old, self)
+
+    def _valid_averager(self) -> Averager|None:
+        "The averager validation runs on (`None`: the training weights)"
+    def _before_validate(self, *args, **kwargs):
+        "Anything to score before fastai's own validation (`validate_ema='both'`)"
+
+# %% ../nbs/05_callback.ipynb #ad255da4
+@patch
+def _validate_on_ema(self:EMABase, *args, **kwargs):
+    "fastai's `_do_epoch_validate`, on the EMA weights when they are due, always restoring the training weights"
+    orig = self._orig_validate
+    if self.learn is not orig.__self__:   # left behind by a fit that ended in an exception, and the callback removed
+        self._remove_validate(orig.__self__)
+        return orig(*args, **kwargs)
+    if self.run: self._before_validate(*args, **kwargs)
+    a = self._valid_averager() if self.run else None
+    swap = a is not None and a.started
+    if swap: a.swap()
+    try: return orig(*args, **kwargs)
+    finally:
+        if swap: a.unswap()
+
+# %% ../nbs/05_callback.ipynb #cab2d741
+@patch
+def _install_validate(self:EMABase):
+    self._orig_validate = type(self.learn)._do_epoch_validate.__get__(self.learn)
+    self.learn._do_epoch_validate = self._validate_on_ema
+
+# %% ../nbs/05_callback.ipynb #a9df4471
+@patch
+def _remove_validate(self:EMABase, learn=None):
+    learn = self.learn if learn is None else learn
+    if learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del learn.__dict__['_do_epoch_validate']
+    self._orig_validate = None
+
+# %% ../nbs/05_callback.ipynb #e46c7668
+class EMACallback(EMABase):
+    "Keep an exponential moving average of the model's weights, updated after every optimizer step"
     def __init__(self,
         decay:float=_DECAY, # Weight kept from the previous EMA at each update, in [0, 1); or a form `f(step, total)`
         start:float|int=0, # Start the EMA at this fraction of training (float) or epoch (int)
@@ -103,6 +151,7 @@ class EMACallback(Callback):
         half_life:float|None=None, # Half-life in optimizer steps, instead of `decay`
         update_every:int=1, # Update on every `update_every`-th optimizer step, with `decay**update_every`
         ema_dtype:torch.dtype|None=None, # EMA dtype; `None`: float32 for fp16/bf16 tensors, else the model's
+        ema_compile:bool|None=None, # Compile the step of a bf16/fp16 model's fp32 EMA; `None`: when the fit repays it
     ):
         if half_life is not None:
             if decay is not _DECAY: raise ValueError('pass either decay or half_life, not both')
@@ -111,10 +160,10 @@ class EMACallback(Callback):
         self.decay,self.half_life = (decay if callable(decay) else check_decay(decay)),half_life
         self._init(start=start, ema_device=ema_device, validate_ema=validate_ema, replace_weights=replace_weights,
                    foreach=foreach, resume=resume, all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
-                   update_every=update_every, ema_dtype=ema_dtype)
+                   update_every=update_every, ema_dtype=ema_dtype, ema_compile=ema_compile)
 
     def _init(self, start=0, ema_device=None, validate_ema=True, replace_weights=False, foreach=None, resume=False,
-              all_parameters=False, all_buffers=False, skip_ema=True, update_every=1, ema_dtype=None):
+              all_parameters=False, all_buffers=False, skip_ema=True, update_every=1, ema_dtype=None, ema_compile=None):
         "Check and keep the arguments every EMA callback takes"
         Callback.__init__(self)
         self.start,self.update_every = check_when(start, 'start'),check_every(update_every)
@@ -124,18 +173,12 @@ class EMACallback(Callback):
         for n,v in (('replace_weights', replace_weights), ('resume', resume), ('all_parameters', all_parameters),
                     ('all_buffers', all_buffers), ('skip_ema', skip_ema)): setattr(self, n, _check_flag(v, n))
         self.foreach = foreach if foreach is None else _check_flag(foreach, 'foreach')
+        self.ema_compile = ema_compile if ema_compile is None else _check_flag(ema_compile, 'ema_compile', ' (or None)')
         self.averager,self._fit,self._loaded,self._plan = None,_Fit(),None,None
 
-    @property
-    def learn(self) -> Learner|None:
-        "The Learner this callback is on"
-        return self.__dict__.get('_learn')
-    @learn.setter
-    def learn(self, learn):
-        # fastai sets `cb.learn` when it adds or removes the callback: that Learner's save/load carry the EMA while it is on
-        old,self.__dict__['_learn'] = self.__dict__.get('_learn'),learn
-        if learn is not None: attach_ema_checkpoints(learn)
-        elif old is not None: detach_ema_checkpoints(old, self)
+    def _valid_averager(self): return self.averager if self.validate_ema is True else None
+    def _before_validate(self, *args, **kwargs):
+        if self.validate_ema == 'both' and self.averager is not None: self._score_ema(*args, **kwargs)
 
     def before_fit(self):
         "Build the EMA for this fit (nothing in `lr_find`, `get_preds` or `validate`)"
@@ -245,6 +288,17 @@ def _averager_args(self:EMACallback) -> dict:
     return dict(all_parameters=self.all_parameters, all_buffers=self.all_buffers, ema_device=self.ema_device,
                 ema_dtype=self.ema_dtype, foreach=self.foreach)
 
+_COMPILE_WORK = 1.5e11   # element-updates from which compiling the mixed step repays its compile time (measured on CPU)
+
+@patch
+def _compile_for(self:EMACallback, model:nn.Module, plan:_Plan) -> bool:
+    "Whether this fit compiles the mixed step: `ema_compile`, or, by default, if the fit's mixed updates repay it"
+    if self.ema_compile is not None: return self.ema_compile
+    avg,_ = select_tensors(model, self.all_parameters, self.all_buffers)
+    t = named_tensors(model)
+    n = sum(t[k].numel() for k in avg if ema_dtype_for(t[k], self.ema_dtype) != t[k].dtype)
+    return n >= 1_000_000 and n*plan.total/self.update_every >= _COMPILE_WORK
+
 # %% ../nbs/05_callback.ipynb #8e109d53
 @patch
 def _setup(self:EMACallback):
@@ -259,7 +313,8 @@ def _setup(self:EMACallback):
     prev = learn.__dict__.get('model_ema')
     resume = loaded is None and self.resume and isinstance(prev, nn.Module)
     model = unwrap_model(learn.model)
-    a = self.averager = make_averager(model, module=prev if resume else None, **self._averager_args())
+    a = self.averager = make_averager(model, module=prev if resume else None, compile=self._compile_for(model, self._plan),
+                                      **self._averager_args())
     if loaded is not None and loaded.state is not None: a.load_state(loaded.state)
     elif resume:   # the counters of the averager that made `learn.model_ema`, if it is that one
         pa = learn.__dict__.get('_ema_averager')
@@ -310,35 +365,6 @@ def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.2):
     warnings.warn(f'{type(self).__name__}: this fit has {n:,} training batches after the EMA starts, but {what}, so at its '
                   f'end {share:.0%} of the EMA will still be the weights it started from, and validation on it looks as if '
                   f'training failed. For a fit this short, {fix}.', EMAHorizonWarning, stacklevel=2)
-
-# %% ../nbs/05_callback.ipynb #ad255da4
-@patch
-def _validate_on_ema(self:EMACallback, *args, **kwargs):
-    "fastai's `_do_epoch_validate`, on the EMA weights when they are due, always restoring the training weights"
-    orig = self._orig_validate
-    if self.learn is not orig.__self__:   # left behind by a fit that ended in an exception, and the callback removed
-        self._remove_validate(orig.__self__)
-        return orig(*args, **kwargs)
-    a = self.averager
-    if self.validate_ema == 'both' and self.run and a is not None: self._score_ema(*args, **kwargs)
-    swap = self.run and self.validate_ema is True and a is not None and a.started
-    if swap: a.swap()
-    try: return orig(*args, **kwargs)
-    finally:
-        if swap: a.unswap()
-
-# %% ../nbs/05_callback.ipynb #cab2d741
-@patch
-def _install_validate(self:EMACallback):
-    self._orig_validate = type(self.learn)._do_epoch_validate.__get__(self.learn)
-    self.learn._do_epoch_validate = self._validate_on_ema
-
-# %% ../nbs/05_callback.ipynb #a9df4471
-@patch
-def _remove_validate(self:EMACallback, learn=None):
-    learn = self.learn if learn is None else learn
-    if learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del learn.__dict__['_do_epoch_validate']
-    self._orig_validate = None
 
 # %% ../nbs/05_callback.ipynb #ea1d77ac
 class EMAMetricValue(Metric):
@@ -398,8 +424,21 @@ def _in_fit(learn:Learner) -> bool:
     return False
 
 # %% ../nbs/05_callback.ipynb #0fade323
+EMACallback.checkpoint_suffix = 'ema'
+EMACallback.read_checkpoint = staticmethod(read_ema_file)
+
 @patch
-def ema_state(self:EMACallback) -> dict|None:
+def check_checkpoint(self:EMACallback, state:dict, model:nn.Module, where:str):
+    "Names and shapes of an EMA state against the plain model"
+    check_state(model, state['tensors'], f'EMA checkpoint {where}')
+
+@patch
+def averagers(self:EMACallback) -> list:
+    "The averager that may be swapped into the model"
+    return [] if self.averager is None else [self.averager]
+
+@patch
+def checkpoint_state(self:EMACallback) -> dict|None:
     "The EMA state `learn.save` writes: this callback's EMA, else the Learner's `model_ema`; `None` if there is none"
     a,learn = self.averager,self.learn
     if a is not None: return a.state()
@@ -410,7 +449,7 @@ def ema_state(self:EMACallback) -> dict|None:
 
 # %% ../nbs/05_callback.ipynb #863886ea
 @patch
-def load_ema_state(self:EMACallback,
+def load_checkpoint_state(self:EMACallback,
     state:dict|None, # From an EMA file (checked); `None` for a checkpoint without EMA
 ):
     "Continue from `state`: now, and at the next fit if it is loaded between fits"
@@ -518,3 +557,17 @@ def plot_valid(self:EMACallback, ax=None):
     ax.plot(epochs, vals[1], 's-', label='EMA weights')
     ax.set_xlabel('epoch'); ax.set_ylabel('validation loss'); ax.legend()
     return ax
+
+# %% ../nbs/05_callback.ipynb #de365b62
+@torch.no_grad()
+def recompute_bn(
+    module:nn.Module, # An EMA module with BatchNorm layers, e.g. `learn.model_ema`
+    dl, # Training batches: a fastai `DataLoader` (its first element of each batch is the input)
+    n_batches:int|None=None, # How many batches; `None`: all of `dl`
+) -> nn.Module:
+    "Recompute the BatchNorm running statistics of `module` on the inputs of `dl`, with `torch.optim.swa_utils.update_bn`"
+    from itertools import islice
+    from torch.optim.swa_utils import update_bn
+    device = next(module.parameters()).device
+    update_bn((b[0] if isinstance(b, (list, tuple)) else b for b in islice(dl, n_batches)), module, device=device)
+    return module.eval()

@@ -18,8 +18,8 @@ from .update import unwrap_model, check_state
 from .averager import ema_state, check_ema_state, ModelEMA
 
 # %% auto #0
-__all__ = ['ema_file', 'read_file', 'read_ema_file', 'weights_fingerprint', 'ema_callbacks', 'learner_ema_state', 'save_with_ema',
-           'load_ema_weights', 'load_with_ema', 'attach_ema_checkpoints', 'detach_ema_checkpoints']
+__all__ = ['ema_file', 'read_file', 'read_ema_file', 'weights_fingerprint', 'checkpoint_holders', 'holder_file',
+           'load_ema_weights', 'save_with_ema', 'load_with_ema', 'attach_ema_checkpoints', 'detach_ema_checkpoints']
 
 # %% ../nbs/04_checkpoint.ipynb #d9eec0c6
 def ema_file(
@@ -94,31 +94,23 @@ def _stale(state:dict, fingerprint:str|None) -> bool:
     saved = state['checkpoint']
     return saved is not None and fingerprint is not None and saved != fingerprint
 
-# %% ../nbs/04_checkpoint.ipynb #e4d2e519
-def ema_callbacks(learn:Learner) -> list:
-    "The callbacks on `learn` that keep an EMA"
-    return [cb for cb in learn.cbs if hasattr(cb, 'load_ema_state')]
+# %% ../nbs/04_checkpoint.ipynb #0770bf26
+def checkpoint_holders(learn:Learner) -> list:
+    "The callbacks on `learn` that write a file beside its checkpoints"
+    return [cb for cb in learn.cbs if hasattr(cb, 'checkpoint_suffix')]
 
-# %% ../nbs/04_checkpoint.ipynb #98d78341
-def learner_ema_state(learn:Learner) -> dict|None:
-    "The EMA state a checkpoint of `learn` carries, or `None`"
-    return next((s for cb in ema_callbacks(learn) if (s := cb.ema_state()) is not None), None)
+def _by_suffix(learn:Learner) -> dict[str,list]:
+    out = {}
+    for cb in checkpoint_holders(learn): out.setdefault(cb.checkpoint_suffix, []).append(cb)
+    return out
 
-# %% ../nbs/04_checkpoint.ipynb #3cc3f06e
-def save_with_ema(learn:Learner, file, **kwargs) -> Path:
-    "fastai's `Learner.save`, plus the EMA state in `file.ema.pth`; never with the EMA swapped into the model"
-    if hasattr(learn, 'lr_finder'): return Learner.save(learn, file, **kwargs)   # lr_find's own save/restore of the weights
-    swapped = [a for cb in ema_callbacks(learn) if (a := cb.averager) is not None and a.swapped]
-    for a in swapped: a.unswap()
-    try:
-        path = Learner.save(learn, file, **kwargs)
-        state = learner_ema_state(learn)   # on every rank: a sharded (FSDP2) EMA gathers its shards here
-        if not rank_distrib():
-            if state is None: ema_file(path).unlink(missing_ok=True)   # saved again without an EMA: not stale, gone
-            else: torch.save({**state, 'checkpoint': weights_fingerprint(get_model(learn.model).state_dict())}, ema_file(path))
-    finally:
-        for a in swapped: a.swap()
-    return path
+def holder_file(
+    model_file:str|Path, # fastai checkpoint, e.g. `models/name.pth`
+    suffix:str, # A holder's `checkpoint_suffix`
+) -> Path:
+    "Where a holder's state of `model_file` lives: `models/name.{suffix}.pth`"
+    model_file = Path(model_file)
+    return model_file.with_name(f'{model_file.stem}.{suffix}.pth')
 
 # %% ../nbs/04_checkpoint.ipynb #8dc8dc7b
 def load_ema_weights(
@@ -137,27 +129,52 @@ def load_ema_weights(
     model.load_state_dict(state['tensors'])
     return learn
 
-# %% ../nbs/04_checkpoint.ipynb #fb5ee31a
+# %% ../nbs/04_checkpoint.ipynb #804fe0d2
+def save_with_ema(learn:Learner, file, **kwargs) -> Path:
+    "fastai's `Learner.save`, plus each holder's state beside it; never with an EMA swapped into the model"
+    if hasattr(learn, 'lr_finder'): return Learner.save(learn, file, **kwargs)   # lr_find's own save/restore of the weights
+    groups = _by_suffix(learn)
+    swapped = [a for hs in groups.values() for h in hs for a in h.averagers() if a.swapped]
+    for a in swapped: a.unswap()
+    try:
+        path = Learner.save(learn, file, **kwargs)
+        fingerprint = None
+        for suffix,hs in groups.items():
+            state = next((s for h in hs if (s := h.checkpoint_state()) is not None), None)   # every rank: FSDP2 gathers
+            if rank_distrib(): continue
+            f = holder_file(path, suffix)
+            if state is None: f.unlink(missing_ok=True); continue   # saved again without it: not stale, gone
+            if fingerprint is None: fingerprint = weights_fingerprint(get_model(learn.model).state_dict())
+            torch.save({**state, 'checkpoint': fingerprint}, f)
+    finally:
+        for a in swapped: a.swap()
+    return path
+
+# %% ../nbs/04_checkpoint.ipynb #26c203a1
 @delegates(Learner.load)
 def load_with_ema(learn:Learner, file, device=None,
     ema:bool=False, # Load the EMA weights as the model (for inference) instead of the training weights
     **kwargs):
-    "fastai's `Learner.load`, plus the EMA state; reads and checks both files before changing anything"
+    "fastai's `Learner.load`, plus each holder's state; reads and checks every file before changing anything"
     if hasattr(learn, 'lr_finder'): return Learner.load(learn, file, device=device, **kwargs)
     distrib_barrier()   # under DDP, rank 0 may still be writing the files another rank is about to read
     if ema: return load_ema_weights(learn, file)
+    # everything is read and checked first: on any error, the Learner is as it was
     path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
-    model_state,ef = _model_state(path),ema_file(path)
+    model_state = _model_state(path)
     check_state(get_model(learn.model), model_state, f'checkpoint {path.name}', strict=kwargs.get('strict', True))
-    state = read_ema_file(ef) if ef.exists() else None
-    if state is not None: check_state(unwrap_model(learn.model), state['tensors'], f'EMA checkpoint {ef.name}')
-    why = f'{ef.name} not found'
-    if state is not None and _stale(state, weights_fingerprint(model_state)):
-        state,why = None,f'{ef.name} is stale: {path.name} was saved again since, without an EMA'
+    states,why = {},{}
+    for suffix,hs in _by_suffix(learn).items():
+        f = holder_file(path, suffix)
+        state,why[suffix] = (hs[0].read_checkpoint(f) if f.exists() else None),f'{f.name} not found'
+        if state is not None: hs[0].check_checkpoint(state, unwrap_model(learn.model), f.name)
+        if state is not None and _stale(state, weights_fingerprint(model_state)):
+            state,why[suffix] = None,f'{f.name} is stale: {path.name} was saved again since, without it'
+        states[suffix] = state
     Learner.load(learn, file, device=device, **kwargs)   # everything checked: from here on, nothing fails
-    cbs = ema_callbacks(learn)
-    if state is None and cbs: warnings.warn(f'{path.name} has no EMA state ({why}): the EMA starts from the loaded weights')
-    for cb in cbs: cb.load_ema_state(state)
+    for suffix,hs in _by_suffix(learn).items():
+        if states[suffix] is None: warnings.warn(f'{path.name} has no EMA state for {type(hs[0]).__name__} ({why[suffix]}): it starts from the loaded weights')
+        for h in hs: h.load_checkpoint_state(states[suffix])
     return learn
 
 # %% ../nbs/04_checkpoint.ipynb #b4d33cbf
@@ -166,7 +183,7 @@ class _WithEMA:
     def __init__(self, learn:Learner, name:str): self.learn,self.name = learn,name
     def __call__(self, *args, **kwargs):
         learn = self.learn
-        if not ema_callbacks(learn):   # the EMA callback is gone: fastai's own method from now on
+        if not checkpoint_holders(learn):   # the EMA callback is gone: fastai's own method from now on
             if learn.__dict__.get(self.name) is self: del learn.__dict__[self.name]
             return getattr(Learner, self.name)(learn, *args, **kwargs)
         return (save_with_ema if self.name == 'save' else load_with_ema)(learn, *args, **kwargs)
@@ -187,6 +204,6 @@ def detach_ema_checkpoints(
     cb=None, # That callback (fastai tells it before taking it out of `learn.cbs`)
 ):
     "Give `learn` fastai's own `save`/`load` back, once no other EMA callback is on it"
-    if any(o is not cb for o in ema_callbacks(learn)): return
+    if any(o is not cb for o in checkpoint_holders(learn)): return
     for n in ('save', 'load'):
         if isinstance(learn.__dict__.get(n), _WithEMA): del learn.__dict__[n]

@@ -63,11 +63,12 @@ def half_life_decay(
 # %% ../nbs/02_decay.ipynb #7c3baf2c
 def check_every(
     update_every:int, # Update the EMA on every `update_every`-th optimizer step
+    name:str='update_every', # Argument name used in the error message
 ) -> int:
-    "`update_every` as an int >= 1, or a clear error"
+    "`update_every` (or another count of steps) as an int >= 1, or a clear error"
     if isinstance(update_every, bool) or not isinstance(update_every, Integral):
-        raise TypeError(f'update_every must be an int >= 1, got {update_every!r}')
-    if update_every < 1: raise ValueError(f'update_every must be >= 1, got {update_every}')
+        raise TypeError(f'{name} must be an int >= 1, got {update_every!r}')
+    if update_every < 1: raise ValueError(f'{name} must be >= 1, got {update_every}')
     return int(update_every)
 
 # %% ../nbs/02_decay.ipynb #84d403f9

@@ -21,7 +21,7 @@ from .update import select_tensors, unwrap_model
 
 # %% auto #0
 __all__ = ['synth_dls', 'synth_model', 'synth_learner', 'fit_quiet', 'valid_loss', 'Snapshots', 'reference_ema',
-           'assert_ema_close', 'assert_same_state', 'count_collectives']
+           'assert_ema_close', 'assert_same_state', 'count_collectives', 'allocated_bytes']
 
 # %% ../nbs/97_test_utils.ipynb #dba4e6ec
 def synth_dls(
@@ -152,3 +152,17 @@ def count_collectives():
     "The collective operations this thread runs inside the block (a list, filled as they run)"
     ops = []
     with _CollectiveLog(ops): yield ops
+
+# %% ../nbs/97_test_utils.ipynb #fa3e028d
+def allocated_bytes(
+    step, # A function of no argument: one EMA step, say
+) -> int:
+    "Bytes one call of `step` allocates: the profiler's self CPU memory, or the CUDA peak's growth"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize(); base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+        step(); torch.cuda.synchronize()
+        cuda = torch.cuda.max_memory_allocated() - base
+    else: cuda = 0
+    from torch.profiler import profile, ProfilerActivity
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: step()
+    return cuda + sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())

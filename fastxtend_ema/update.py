@@ -4,13 +4,14 @@
 
 # %% ../nbs/00_update.ipynb #880c0d25
 from __future__ import annotations
-import copy
+import copy, types, warnings
 import torch
 from torch import nn, Tensor
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'keep_hook', 'strip_hooks', 'copy_module', 'named_tensors',
-           'make_ema_module', 'pair_kind', 'copy_tensors_', 'EMAPairs', 'check_state']
+           'make_ema_module', 'pair_kind', 'copy_tensors_', 'MixedLerp', 'RemoteLerp', 'EMAPairs', 'check_state']
 
 # %% ../nbs/00_update.ipynb #ce103f5d
 def _persistent_buffer_names(model:nn.Module) -> set[str]:
@@ -147,14 +148,6 @@ def _lerp_(ema, model, w, foreach):
     else:
         for e,m in zip(ema, model): e.lerp_(m, w)
 
-# %% ../nbs/00_update.ipynb #bc0adfb0
-def _mixed_(ema, model, w, foreach):
-    if foreach:
-        torch._foreach_mul_(ema, 1.-w)
-        torch._foreach_add_(ema, model, alpha=w)
-    else:
-        for e,m in zip(ema, model): e.mul_(1.-w).add_(m, alpha=w)
-
 # %% ../nbs/00_update.ipynb #7d2d37f7
 def copy_tensors_(
     dst:list[Tensor], # Tensors written
@@ -167,6 +160,163 @@ def copy_tensors_(
     else:
         for d,s in zip(dst, src): d.copy_(s)
 
+# %% ../nbs/00_update.ipynb #55794a3c
+def _dense(t:Tensor) -> bool:
+    "Non-overlapping and dense: the elements fill `numel` consecutive slots of storage from `storage_offset()`"
+    expect = 1
+    for stride,n in sorted((st,n) for st,n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expect: return False
+        expect *= n
+    return True
+
+def _same_layout(a:Tensor, b:Tensor) -> bool:
+    "Same strides on every dimension with more than one element: the same memory order"
+    return all(sa == sb for sa,sb,n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+def _flat(t:Tensor) -> Tensor:
+    "1-d view of a dense tensor in memory order (channels_last and other dense layouts too)"
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+# %% ../nbs/00_update.ipynb #02310e31
+def _pieces(e:Tensor, m:Tensor, size:int) -> list[tuple[Tensor,Tensor]]:
+    "Views of a pair, each of at most `size` elements: flat chunks where both have one dense layout, else slices"
+    if e.numel() <= size: return [(e, m)]
+    if _dense(e) and _dense(m) and _same_layout(e, m):
+        fe,fm = _flat(e),_flat(m)
+        return [(fe[i:i+size], fm[i:i+size]) for i in range(0, e.numel(), size)]
+    row = e[0].numel()
+    if row <= size:
+        k = size//row
+        return [(e[i:i+k], m[i:i+k]) for i in range(0, e.shape[0], k)]
+    return [p for i in range(e.shape[0]) for p in _pieces(e[i], m[i], size)]
+
+# %% ../nbs/00_update.ipynb #6a00295e
+def _lerp_pairs(ema, model, weight):
+    for e,m in zip(ema, model): e.lerp_(m.to(e.dtype), weight)
+
+_COMPILED = {}   # (backend, the pairs' shapes, strides, dtypes and devices) -> compiled `_lerp_pairs`
+
+def _compiled_lerp(ema:list[Tensor], model:list[Tensor], backend:str='inductor'):
+    "A `torch.compile`d `_lerp_pairs` for pairs of these shapes: compiled once per process, whatever builds the pairs"
+    key = (backend,) + tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in ema + model)
+    if key not in _COMPILED:
+        # a code object of its own: dynamo keeps its cache there, and pairs of other shapes would make it recompile
+        # with dynamic shapes (far slower kernels)
+        fn = types.FunctionType(_lerp_pairs.__code__.replace(), _lerp_pairs.__globals__, '_lerp_pairs')
+        # inductor's CPU lerp is `e + w*(m-e)`, aten's one fma: letting gcc contract it makes the two bit-identical
+        opts = {'cpp.enable_floating_point_contract_flag': 'fast'} if backend == 'inductor' else None
+        _COMPILED[key] = torch.compile(fn, backend=backend, fullgraph=True, options=opts)
+    return _COMPILED[key]
+
+# %% ../nbs/00_update.ipynb #84baa603
+class MixedLerp:
+    "`ema[i].lerp_(model[i].to(ema[i].dtype), w)` for every pair: a cache-sized staging buffer, or a compiled one-pass kernel"
+    def __init__(self,
+        ema:list[Tensor], # EMA tensors (fp32), written in place
+        model:list[Tensor], # Model tensors (bf16/fp16), same order, shapes and device; only read
+        staging_numel:int=1<<18, # Elements of the staging buffer: 256K fp32, 1 MiB, stays in a core's L2 cache
+        compile:bool=False, # One `torch.compile`d pass (compiled at the first step); staging if compiling fails
+        backend:str='inductor', # `torch.compile` backend for `compile=True`
+    ):
+        if len(ema) != len(model): raise ValueError('ema and model differ in length')
+        for e,m in zip(ema, model):
+            if e.shape != m.shape or e.device != m.device:
+                raise ValueError(f'pairs must match in shape and device: EMA {tuple(e.shape)} on {e.device}, model {tuple(m.shape)} on {m.device}')
+        self.ema,self.model,self.staging_numel,self.backend = list(ema),list(model),int(staging_numel),backend
+        self.groups = {}   # (device, EMA dtype) -> ([ema], [model]); empty tensors need no update
+        for e,m in zip(ema, model):
+            if e.numel(): (g := self.groups.setdefault((e.device, e.dtype), ([],[])))[0].append(e); g[1].append(m)
+        self.compiled = [(k, ema, model, torch.zeros((), device=k[0], dtype=k[1]), _compiled_lerp(ema, model, backend))
+                         for k,(ema,model) in self.groups.items()] if compile else None
+        self.compile_error = None
+        self._plan()
+
+    def __len__(self): return len(self.ema)
+    @property
+    def mode(self) -> str: return 'staging' if self.compiled is None else 'compiled'
+
+# %% ../nbs/00_update.ipynb #7efa071e
+@patch
+def _plan(self:MixedLerp):
+    "Cut the pairs into batches that fit one staging buffer per (device, dtype), with a staging view for each piece"
+    self.batches,self._watch = [],[]
+    for (dev,dt),(ema,model) in self.groups.items():
+        size = min(self.staging_numel, sum(e.numel() for e in ema))
+        buf = torch.empty(size, device=dev, dtype=dt)
+        batch,off = ((dev,dt),[],[],[]),0
+        for e,m in zip(ema, model):
+            if e.numel() > size: self._watch += [(e, e.data_ptr()), (m, m.data_ptr())]   # views of their storage
+            for pe,pm in _pieces(e, m, size):
+                if off + pe.numel() > size: self.batches.append(batch); batch,off = ((dev,dt),[],[],[]),0
+                sv = buf.as_strided(pe.shape, pe.stride(), off) if _dense(pe) else buf[off:off+pe.numel()].view(pe.shape)
+                batch[1].append(pe); batch[2].append(pm); batch[3].append(sv)
+                off += pe.numel()
+        if batch[1]: self.batches.append(batch)
+
+# %% ../nbs/00_update.ipynb #123aa838
+@patch
+def __call__(self:MixedLerp,
+    weight:float, # Weight of the model, `1-decay`
+):
+    "One step, in place: `ema = ema + weight*(model - ema)`, the fp32 `lerp_` of the upcast model"
+    done = ()
+    if self.compiled is not None:
+        done = set()
+        try:
+            for key,ema,model,w,fn in self.compiled:
+                w.fill_(weight); fn(ema, model, w); done.add(key)
+            return
+        except Exception as e:   # dynamo or inductor failed (no C++ compiler, a graph break, the recompile limit)
+            self.compile_error,self.compiled = e,None   # a group compiles before any of its kernels runs
+            warnings.warn(f'MixedLerp: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
+                          'the staging kernel runs instead', RuntimeWarning)
+    if self._watch and any(t.data_ptr() != p for t,p in self._watch): self._plan()   # a cut tensor got new storage
+    for key,ema,model,staging in self.batches:
+        if key in done: continue   # updated by its compiled kernel before another group failed to compile
+        torch._foreach_copy_(staging, model)
+        torch._foreach_lerp_(ema, staging, weight)
+
+# %% ../nbs/00_update.ipynb #26b04de3
+class RemoteLerp:
+    "EMA updates for pairs whose EMA lives on another device: the model copied to a staging buffer there, then lerped"
+    def __init__(self,
+        ema:list[Tensor], # EMA tensors, on one device
+        model:list[Tensor], # Model tensors, on another
+        compile:bool=False, # Compile the mixed step (see `MixedLerp`)
+        defer:bool|None=None, # Lerp at the next step, the copy asynchronous; `None`: for a CUDA model and a CPU EMA
+    ):
+        self.ema,self.model = list(ema),list(model)
+        self.defer = (any(m.is_cuda for m in model) and not any(e.is_cuda for e in ema)) if defer is None else defer
+        pin = self.defer and any(m.is_cuda for m in model)
+        self.staging = [torch.empty(m.shape, dtype=m.dtype, device=e.device, pin_memory=pin) for e,m in zip(ema, model)]
+        self.mixed = MixedLerp(self.ema, self.staging, compile=compile) if any(e.dtype != m.dtype for e,m in zip(ema, model)) else None
+        self.event = torch.cuda.Event() if pin else None
+        self.pending = None   # the weight of the update whose copy is in flight
+
+    def _lerp(self, weight:float):
+        if self.mixed is not None: self.mixed(weight)
+        elif self.ema: torch._foreach_lerp_(self.ema, self.staging, weight)
+
+    def __call__(self, weight:float):
+        "One update with `weight` (`1-decay`): now, or at the next step or `flush` when deferred"
+        if not self.defer:
+            copy_tensors_(self.staging, self.model); self._lerp(weight); return
+        self.flush()
+        for s,m in zip(self.staging, self.model): s.copy_(m, non_blocking=True)
+        if self.event is not None: self.event.record()
+        self.pending = weight
+
+    def flush(self):
+        "Apply the update whose copy is in flight, if any"
+        if self.pending is None: return
+        if self.event is not None and not self.event.query(): self.event.synchronize()   # the GPU is behind: wait
+        weight,self.pending = self.pending,None
+        self._lerp(weight)
+
+    def discard(self):
+        "Drop the update in flight (the EMA is about to be overwritten)"
+        self.pending = None
+
 # %% ../nbs/00_update.ipynb #3747f1ed
 class EMAPairs:
     "Model and EMA tensors paired and grouped once, updated in place with one fused kernel per group"
@@ -174,6 +324,7 @@ class EMAPairs:
         model_tensors:list[Tensor], # Tensors of the training model
         ema_tensors:list[Tensor], # Their EMA, same order and shapes
         foreach:bool|None=None, # Fused multi-tensor kernels; `None`: use them where available
+        compile:bool=False, # Compile the step of a low-precision model's fp32 EMA (`MixedLerp`)
     ):
         if len(model_tensors)!=len(ema_tensors): raise ValueError('model_tensors and ema_tensors differ in length')
         for m,e in zip(model_tensors, ema_tensors):
@@ -186,9 +337,8 @@ class EMAPairs:
         for m,e in zip(self.model, self.ema):
             ema,model = self.groups.setdefault(pair_kind(e, m), ([],[]))
             ema.append(e); model.append(m)
-        if 'remote' in self.groups:
-            ema,model = self.groups['remote']
-            self.staging = [torch.empty_like(m, device=e.device, dtype=e.dtype) for e,m in zip(ema, model)]
+        self.mixed = MixedLerp(*self.groups['mixed'], compile=compile) if 'mixed' in self.groups else None
+        self.remote = RemoteLerp(*self.groups['remote'], compile=compile) if 'remote' in self.groups else None
 
     def __len__(self): return len(self.model)
 
@@ -199,17 +349,23 @@ class EMAPairs:
         prev = torch.is_grad_enabled()   # switched directly: the `torch.no_grad()` context costs 2 µs, most of a tiny step
         torch._C._set_grad_enabled(False)
         try:
-            for k,(ema,model) in self.groups.items():
-                if k=='lerp': _lerp_(ema, model, weight, self.foreach)
-                elif k=='mixed': _mixed_(ema, model, weight, self.foreach)
-                else:
-                    copy_tensors_(self.staging, model, self.foreach)
-                    _lerp_(ema, self.staging, weight, self.foreach)
+            if 'lerp' in self.groups: _lerp_(*self.groups['lerp'], weight, self.foreach)
+            if self.mixed is not None: self.mixed(weight)
+            if self.remote is not None: self.remote(weight)
         finally: torch._C._set_grad_enabled(prev)
+
+    def flush(self):
+        "Apply an update still in flight (an EMA on another device), before the EMA is read"
+        if self.remote is not None: self.remote.flush()
+
+    def discard(self):
+        "Drop an update still in flight, before the EMA is overwritten"
+        if self.remote is not None: self.remote.discard()
 
     @torch.no_grad()
     def copy_(self):
         "Set every EMA tensor to its model tensor"
+        self.discard()
         copy_tensors_(self.ema, self.model, self.foreach)
 
 # %% ../nbs/00_update.ipynb #ffcd5f95

@@ -381,7 +381,7 @@ def test_ema_dtype_fit(cls, v): check_value(cls, 'ema_dtype', dict(ema_dtype=v),
 
 # ----------------------------------------------------------------------------- validate_ema and the flags (both)
 
-FLAGS = ['replace_weights', 'resume', 'all_parameters', 'all_buffers', 'skip_ema', 'foreach']
+FLAGS = ['replace_weights', 'resume', 'all_parameters', 'all_buffers', 'skip_ema', 'foreach', 'ema_compile']
 FLAG_VALUES = st.one_of(st.booleans(), ANY, st.sampled_from(['both', 'True', 'true', 'BOTH', 0, 1, None]))
 
 @BOTH
@@ -551,3 +551,14 @@ def test_helpers():
     assert decays == [0.5, 0.5] and isinstance(learn.model_ema, nn.Module)
     assert random.getstate() == py and torch.equal(torch.get_rng_state(), tch)
     assert torch.get_num_threads() == nthreads and threading.active_count() == nactive
+
+
+def test_every_argument_is_covered():
+    "A new constructor argument cannot slip past this file"
+    import inspect
+    src = open(__file__).read()
+    tested = set(re.findall(r"check_value\(\w+, \(?'(\w+)'", src)) | set(FLAGS)
+    tested |= set(re.findall(r"parametrize\('name', \[(.*?)\]", src)[0].replace("'", '').replace(' ', '').split(','))
+    for cls in (EMACallback, EMASchedule):
+        missing = set(inspect.signature(cls).parameters) - tested - {'kwargs'}
+        assert not missing, (cls.__name__, missing)

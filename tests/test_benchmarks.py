@@ -1,5 +1,6 @@
 "The benchmark scripts run end to end in their quick mode (a smoke test: no timing is asserted)."
 import json, subprocess, sys
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,3 +31,13 @@ def test_fit_overhead_quick(tmp_path):
     data = json.loads((tmp_path/'fit_overhead_quick.json').read_text())
     assert {r['variant'] for r in data['rows']} >= {'no EMA', 'fastxtend_ema EMASchedule', 'fastxtend 0.1.7 EMACallback(foreach=True)'}
     assert (tmp_path/'fit_overhead_quick.png').stat().st_size > 1000
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='with a GPU the script runs the full check (minutes)')
+def test_gpu_check_without_cuda(tmp_path):
+    "No CUDA here: the script says so, runs its CPU part, and exits 0"
+    out = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'gpu_check.py'), '--out', str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith('no CUDA device: the GPU checks did not run')
+    report = json.loads((tmp_path/'gpu_check.json').read_text())
+    assert report['cuda'] is False and report['cpu_step'][0]['fastxtend_ema alloc bytes'] == 0

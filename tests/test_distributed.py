@@ -100,7 +100,7 @@ def test_ema_built_before_the_ddp_wrap_equals_single_process(ddp, single):
     ref = {k:v.detach() for k,v in single.model_ema.state_dict().items()}
     for res in (r0, r1): assert_close(res['learner_cbs']['ema'], ref)
 
-def test_ema_built_before_the_ddp_wrap_with_the_proposed_fix(ddp, single):
+def test_ema_built_before_the_ddp_wrap_in_a_second_scenario(ddp, single):
     _, (r0, r1) = ddp
     ref = {k:v.detach() for k,v in single.model_ema.state_dict().items()}
     for res in (r0, r1): assert_close(res['learner_cbs_fixed']['ema'], ref)
@@ -266,7 +266,7 @@ def fsdp_fastai(tmp_path_factory, fsdp):
     out = tmp_path_factory.mktemp('fsdp2_fastai')
     return out, launch('fsdp2_fastai.py', out)
 
-def test_fsdp2_with_fastai_and_the_proposed_integration(fsdp_fastai):
+def test_fsdp2_with_fastai(fsdp_fastai):
     "EMACallback on a fully_shard'ed model: `make_averager` gives it a ShardedModelEMA, and `learn.save` gathers the EMA on every rank"
     out, (r0, r1) = fsdp_fastai
     for res in (r0, r1):
@@ -277,3 +277,16 @@ def test_fsdp2_with_fastai_and_the_proposed_integration(fsdp_fastai):
     assert_equal(r0['ema'], r1['ema'])
     assert r0['files'] == ['fsdp.ema.pth', 'fsdp.pth'] and r1['files'] == []
     assert_equal(torch.load(out/'path0'/'models'/'fsdp.ema.pth', weights_only=True)['tensors'], r0['ema'])
+
+
+def test_posthoc_ema_under_ddp(ddp):
+    "Every rank tracks the same power-function EMAs; only rank 0 writes the snapshots, and both know them"
+    _, (r0, r1) = ddp
+    a, b = r0['posthoc'], r1['posthoc']
+    assert a['snapshots'] == b['snapshots'] and len(a['snapshots']) == 3   # steps 2, 4 (end of the 2nd epoch: 3 per epoch)
+    assert a['files'] == [n for _, n in a['snapshots']] and b['files'] == []
+    for ea, eb in zip(a['emas'], b['emas']): assert_close(ea, eb)
+
+def test_posthoc_ema_refuses_fsdp2(fsdp_fastai):
+    for res in fsdp_fastai[1]:
+        assert res['posthoc_refused'] and 'does not support a fully_shard (FSDP2) model' in res['posthoc_refused']

@@ -132,3 +132,10 @@ def test_every_public_name_has_its_docs():
         text = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code')
         missing = [x for x in names if not re.search(rf'show_doc\({x}\b', text) and not x.isupper()]
         assert not missing, (m, missing)
+
+def test_modules_define_every_name_they_use():
+    "A generated module must not lean on a name its notebook's test cells imported (pyflakes: undefined names)"
+    out = subprocess.run([sys.executable, '-m', 'pyflakes', *map(str, sorted((ROOT/'fastxtend_ema').glob('*.py')))],
+                         capture_output=True, text=True).stdout
+    undefined = [l for l in out.splitlines() if 'undefined name' in l]
+    assert not undefined, undefined

@@ -10,7 +10,7 @@ import torch
 from fastai.basics import *
 from fastai.distributed import DistributedDL
 from fastai.callback.tracker import SaveModelCallback
-from fastxtend_ema import EMACallback
+from fastxtend_ema import EMACallback, PostHocEMA
 from fastxtend_ema.update import unwrap_model
 from fastxtend_ema.distributed import broadcast_buffers_
 from fastxtend_ema.test_utils import count_collectives
@@ -133,6 +133,15 @@ def main(out, res):
     rec['loaded_ema'] = cpu_state(fresh.model_ema.state_dict())
     broadcast_buffers_(learn.model_ema)
     rec['ema_broadcast'] = cpu_state(learn.model_ema.state_dict())
+
+    # PostHocEMA: every rank tracks the same EMAs; rank 0 alone writes the snapshots
+    rec = res['posthoc'] = {}
+    learn = learner(mlp(seed=0), out/f'posthoc{RANK}', cbs=PostHocEMA(snapshot_every=2))
+    ddp_fit(learn, 2)
+    cb = learn.post_hoc_ema
+    rec['snapshots'] = list(cb.snapshots)
+    rec['files'] = sorted(p.name for p in cb.path.glob('snapshot-*.pt')) if cb.path.exists() else []
+    rec['emas'] = [cpu_state(a.module.state_dict()) for a in cb.emas]
 
     # load right after save, on every rank, while rank 0 is slow to write the EMA file (SaveModelCallback's
     # reload of the best model at the end of fit does this). Once found without a barrier in `load`, which the library

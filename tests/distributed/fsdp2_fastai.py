@@ -11,7 +11,7 @@ import torch, torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from fastai.basics import *
-from fastxtend_ema import EMACallback
+from fastxtend_ema import EMACallback, PostHocEMA
 from fastxtend_ema.averager import ModelEMA
 from fastxtend_ema.test_utils import count_collectives
 
@@ -39,6 +39,14 @@ def main(out, res):
     learn.save('fsdp')
     dist.barrier()
     res['files'] = sorted(p.name for p in (out/f'path{RANK}'/'models').glob('*'))
+
+    # PostHocEMA refuses a fully_shard'ed model at the start of fit, before anything is built
+    sharded = ln_model(); fully_shard(sharded)
+    refused = Learner(dls, sharded, loss_func=MSELossFlat(), cbs=PostHocEMA(), path=out/f'ph{RANK}')
+    try:
+        with refused.no_bar(), refused.no_logging(): refused.fit(1)
+        res['posthoc_refused'] = None
+    except ValueError as e: res['posthoc_refused'] = str(e)
 
     # the reference: one process, a plain model and ModelEMA, over the global batches (both ranks' batch i)
     plain = ln_model(); ema = ModelEMA(plain); ema.reset()
