@@ -135,6 +135,7 @@ def solve_coefficients(
     x = x/x.sum(axis=0, keepdims=True)
     return x[:,0] if scalar else x
 
+# %% ../nbs/08_posthoc.ipynb #7539eaa8
 def profile_error(
     snap_t:np.ndarray, snap_gamma:np.ndarray, # The snapshots, as for `solve_coefficients`
     coeffs:np.ndarray, # Their coefficients
@@ -149,6 +150,7 @@ def profile_error(
              profile_dot(tt, target_gamma, tt, target_gamma))
     return math.sqrt(max(float(x @ A @ x - 2*x @ b + c), 0.)/c)   # float64 cancellation: ~1e-8 when exact
 
+# %% ../nbs/08_posthoc.ipynb #ph0rec00
 def reconstruct(
     snapshots, # Snapshot weights: a sequence of n equal-shape arrays, or one array of shape (n, ...)
     coeffs:np.ndarray, # Their coefficients, shape (n,)
@@ -158,20 +160,6 @@ def reconstruct(
     if c.ndim != 1 or s.ndim == 0 or s.shape[0] != c.shape[0]:
         raise ValueError(f'coeffs must have one entry per snapshot: shape {c.shape}, snapshots {s.shape}')
     return np.tensordot(c, s, axes=(0, 0))
-
-# %% ../nbs/08_posthoc.ipynb #7539eaa8
-def profile_error(
-    snap_t:np.ndarray, snap_gamma:np.ndarray, # The snapshots, as for `solve_coefficients`
-    coeffs:np.ndarray, # Their coefficients
-    target_t:float, target_gamma:float, # The wanted EMA
-) -> float:
-    "Relative L2 distance between the rebuilt profile `sum_i x_i p_i` and the wanted one: how well it can be reached"
-    st,sg,x = (_reals(a, n).ravel() for a,n in ((snap_t, 'snap_t'), (snap_gamma, 'snap_gamma'), (coeffs, 'coeffs')))
-    scale = max(st.max(), target_t)
-    st,tt = st/scale,target_t/scale
-    A,b,c = (profile_dot(st[:,None], sg[:,None], st[None,:], sg[None,:]), profile_dot(st, sg, tt, target_gamma),
-             profile_dot(tt, target_gamma, tt, target_gamma))
-    return math.sqrt(max(float(x @ A @ x - 2*x @ b + c), 0.)/c)
 
 # %% ../nbs/08_posthoc.ipynb #9930e58b
 class PostHocEMA(EMABase):
