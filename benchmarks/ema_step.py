@@ -6,7 +6,8 @@ fp32 model and for a bf16 model alike (the ideal mixed step moves 10: the bf16 m
 written). Every implementation runs on prebuilt state, round-robin, so the table shows the per-step cost a training
 loop pays; the bytes each step allocates are the profiler's (each operator's own allocations). With `--dtype bf16`,
 the rows are fastxtend_ema's two mixed kernels (staging, compiled: its compile time and recompiles are reported), the
-`mul_`+`add_` step they replace, and the peers, which keep a bf16 EMA. Prints a markdown table, writes JSON and a PNG.
+`mul_`+`add_` step they replace, and the peers, which keep a bf16 EMA. Prints a markdown table, writes it (.md), JSON and a PNG;
+`benchmarks/results/` keeps the runs the README quotes.
 
     python benchmarks/ema_step.py                       # CPU, fp32 models, all five
     python benchmarks/ema_step.py --dtype bf16          # bf16 models, fp32 EMA
@@ -204,7 +205,8 @@ def table(rows, impls):
     head = '| implementation | ' + ' | '.join(r['model'] for r in rows) + ' |'
     lines = [head, '|---|' + '---:|'*len(rows)]
     lines.append('| one-pass bound (µs) | ' + ' | '.join(f"{r['bound_us']:,.0f}" for r in rows) + ' |')
-    for impl in impls:
+    left_out = [i for i in impls if all(r.get(i) is None for r in rows)]
+    for impl in [i for i in impls if i not in left_out]:
         cells = []
         for r in rows:
             v = r.get(impl)
@@ -215,9 +217,20 @@ def table(rows, impls):
             lines.append(f'| {impl}: bytes allocated per step | ' + ' | '.join(f"{r[f'{impl} alloc bytes']:,}" if f'{impl} alloc bytes' in r else 'n/a' for r in rows) + ' |')
     lines.append('| copy bandwidth: fp32 `copy_` (µs) | ' + ' | '.join(f"{r['copy_us']:,.0f}" for r in rows) + ' |')
     if any(r.get('compile_s') for r in rows):
-        lines.append('| compiled step: first call (compile, s) | ' + ' | '.join(f"{r['compile_s']:.1f}" if r.get('compile_s') else 'n/a' for r in rows) + ' |')
+        cache = {'fresh': '; inductor cache fresh at the start of the run', 'warm': '; inductor cache warm'}.get(rows[0].get('compile_cache'), '')
+        lines.append(f'| compiled step: first call (compile, s{cache}) | ' + ' | '.join(f"{r['compile_s']:.1f}" if r.get('compile_s') else 'n/a' for r in rows) + ' |')
         lines.append('| compiled step: recompiles for 4 new weights | ' + ' | '.join(str(r.get('recompiles')) for r in rows) + ' |')
+    only = {'fastxtend_ema (compiled)': 'bf16 models only', 'mul_+add_ (previous mixed step)': 'bf16 models only',
+            'foreach_lerp_ (prebuilt lists)': 'fp32 models only'}
+    why = lambda i: next((r[f'{i} (why)'] for r in rows if f'{i} (why)' in r), only.get(i, 'not run'))
+    if left_out: lines.append('\nNot run: ' + '; '.join(f'{i} ({why(i)})' for i in left_out) + '.')
     return '\n'.join(lines)
+
+def report(title, dtype, rows, impls):
+    "The markdown the run prints and keeps: title, table, and what a bf16 row means"
+    note = ('\n\nfastxtend_ema keeps the EMA of the bf16 model in fp32; the peers keep it in bf16 (the model\'s dtype), '
+            'where an update of 1e-4 of a weight rounds away' if dtype == 'bf16' else '')
+    return f'{title}\n\n{table(rows, impls)}{note}'
 
 def plot(rows, impls, path, title):
     import matplotlib; matplotlib.use('Agg')
@@ -242,7 +255,13 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--quick', action='store_true', help='tiny models and 3 repeats: a smoke test, not a measurement')
     p.add_argument('--out', type=Path, default=OUT, help='folder for the JSON and the PNG')
+    p.add_argument('--warm-cache', action='store_true',
+                   help="keep torch's compile cache (default, but for --quick: a fresh one, so the first compile costs what a new machine pays)")
     a = p.parse_args(argv)
+    if not (a.warm_cache or a.quick):
+        import atexit, os, shutil, tempfile
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = d = tempfile.mkdtemp(prefix='ema_step_inductor_')
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
     if a.threads: torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     models = _tiny_models() if a.quick else _transformers_models()
@@ -254,15 +273,15 @@ def main(argv=None):
     title = f'EMA step, {a.dtype} model / fp32 EMA, {machine}, torch {torch.__version__}'
     print(f'# {title}', file=sys.stderr)
     rows = run(models, impls, device, a.dtype, reps)
-    md = table(rows, impls)
-    note = ('\n\nfastxtend_ema keeps the EMA of the bf16 model in fp32; the peers keep it in bf16 (the model\'s dtype), '
-            'where an update of 1e-4 of a weight rounds away' if a.dtype == 'bf16' else '')
-    print(f'{title}\n\n{md}{note}')
+    for r in rows: r['compile_cache'] = 'warm' if a.warm_cache or a.quick else 'fresh'
+    text = report(title, a.dtype, rows, impls)
+    print(text)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"ema_step_{a.device}_{a.dtype}{'_quick' if a.quick else ''}"
     (a.out/f'{stem}.json').write_text(json.dumps(dict(title=title, machine=machine, rows=rows), indent=1))
+    (a.out/f'{stem}.md').write_text(f'{text}\n\nCommand: `python benchmarks/ema_step.py {" ".join(argv or sys.argv[1:])}`\n')
     plot(rows, impls, a.out/f'{stem}.png', title)
-    print(f'\nwrote {a.out/stem}.json and .png', file=sys.stderr)
+    print(f'\nwrote {a.out/stem}.json, .md and .png', file=sys.stderr)
     return rows
 
 if __name__ == '__main__': main()

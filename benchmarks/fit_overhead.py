@@ -3,7 +3,8 @@
 A 5M-parameter MLP on synthetic data (about 20 ms per batch on 2 CPU threads) is fitted with no EMA, with
 fastxtend_ema's EMASchedule (update every step, and every 4th step) and with fastxtend 0.1.7's
 EMACallback(foreach=True). Fits are interleaved round by round so drift on the machine hits all alike; the median
-fit time of each is reported. Prints a markdown table, writes JSON and a PNG.
+fit time of each is reported. Prints a markdown table, writes it (.md), JSON and a PNG; `benchmarks/results/` keeps
+the runs the README quotes.
 
     python benchmarks/fit_overhead.py            # the measurement (a few minutes)
     python benchmarks/fit_overhead.py --quick    # smoke test: a small MLP, 1 round (CI runs this)
@@ -99,6 +100,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     stem = 'fit_overhead' + ('_quick' if a.quick else '')
     (a.out/f'{stem}.json').write_text(json.dumps(dict(title=title, bound_us=b, bound_in_loop_us=b_loop, rows=rows, times=times), indent=1))
+    (a.out/f'{stem}.md').write_text('\n'.join(lines) + f'\n\nCommand: `python benchmarks/fit_overhead.py {" ".join(argv or sys.argv[1:])}`\n')
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 3.5))
