@@ -1,4 +1,4 @@
-"Package metadata comes from settings.ini (the single source of name, version, requirements and extras)."
+"Package metadata comes from settings.ini (name, version, requirements, extras); the description and URLs are static in pyproject.toml."
 from configparser import ConfigParser
 from pathlib import Path
 import setuptools
@@ -17,7 +17,6 @@ scripts = [s.strip() for s in cfg.get('console_scripts', '').split('\n') if s.st
 setuptools.setup(
     name=cfg['lib_name'],
     version=cfg['version'],
-    description=cfg['description'],
     long_description=(here/'README.md').read_text(encoding='utf-8'),
     long_description_content_type='text/markdown',
     author=cfg['author'], author_email=cfg['author_email'],
