@@ -370,7 +370,9 @@ def synthesize(self:PostHocEMA,
         last = read_file(self.path/name, mmap=True)
         for c,tensors in zip(coefs, last['tensors']):
             for n,v in tensors.items():
-                if v.is_floating_point(): acc[n] = acc.get(n, 0.) + float(c)*v.double()
+                if not v.is_floating_point(): continue
+                if n in acc: acc[n].add_(v, alpha=float(c))   # in place, in float64
+                else: acc[n] = v.double().mul_(float(c))
     module = make_averager(unwrap_model(self.learn.model), ema_dtype=self.ema_dtype).module   # a copy, EMA dtypes
     module.load_state_dict({n:acc.get(n, v) for n,v in last['tensors'][0].items()})   # cast to the module's dtypes
     return module.eval()

@@ -263,12 +263,13 @@ def __call__(self:MixedLerp,
     "One step, in place: `ema = ema + weight*(model - ema)`, the fp32 `lerp_` of the upcast model"
     done = ()
     if self.compiled is not None:
-        done = set()
+        i = 0   # groups updated so far: nothing is built per step
         try:
             for key,ema,model,w,fn in self.compiled:
-                w.fill_(weight); fn(ema, model, w); done.add(key)
+                w.fill_(weight); fn(ema, model, w); i += 1
             return
         except Exception as e:   # dynamo or inductor failed (no C++ compiler, a graph break, the recompile limit)
+            done = {k for k,*_ in self.compiled[:i]}
             self.compile_error,self.compiled = e,None   # a group compiles before any of its kernels runs
             warnings.warn(f'MixedLerp: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}); '
                           'the staging kernel runs instead', RuntimeWarning)
