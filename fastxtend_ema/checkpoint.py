@@ -165,16 +165,16 @@ def load_with_ema(learn:Learner, file, device=None,
     path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
     model_state = _model_state(path)
     check_state(get_model(learn.model), model_state, f'checkpoint {path.name}', strict=kwargs.get('strict', True))
-    states,why = {},{}
-    for suffix,hs in _by_suffix(learn).items():
+    states,why,groups,fingerprint = {},{},_by_suffix(learn),weights_fingerprint(model_state)
+    for suffix,hs in groups.items():
         f = holder_file(path, suffix)
         state,why[suffix] = (hs[0].read_checkpoint(f) if f.exists() else None),f'{f.name} not found'
         if state is not None: hs[0].check_checkpoint(state, unwrap_model(learn.model), f.name)
-        if state is not None and _stale(state, weights_fingerprint(model_state)):
+        if state is not None and _stale(state, fingerprint):
             state,why[suffix] = None,f'{f.name} is stale: {path.name} was saved again since, without it'
         states[suffix] = state
     Learner.load(learn, file, device=device, **kwargs)   # everything checked: from here on, nothing fails
-    for suffix,hs in _by_suffix(learn).items():
+    for suffix,hs in groups.items():
         if states[suffix] is None: warnings.warn(f'{path.name} has no EMA state for {type(hs[0]).__name__} ({why[suffix]}): it starts from the loaded weights')
         for h in hs: h.load_checkpoint_state(states[suffix])
     return learn
