@@ -210,8 +210,7 @@ class EMACallback(EMABase):
             if not (self.skip_ema and (skipped or not learn.yb)):   # an optimizer step happened in this batch
                 a.steps += 1
                 if a.steps % self.update_every == 0:
-                    f.decay = self.decay_at(a.steps, _pct(learn, learn.iter))
-                    decay = f.last_decay = interval_decay(f.decay, self.update_every)
+                    decay = f.last_decay = self.update_decay(a.steps, _pct(learn, learn.iter))
                     a.update(decay)
         if f.ld is not None: f.ld.log(ema_decay=decay)
 
@@ -271,6 +270,15 @@ def decay_at(self:EMACallback,
     t = (plan or self._plan).total
     v = d(step, t)
     return v if type(v) is float and 0. <= v < 1. else decay_from(v, f'decay({step}, {t})')
+
+@patch
+def update_decay(self:EMACallback,
+    step:int, # Optimizer steps counted since the EMA started, this one included (a multiple of `update_every`)
+    pct:float, # Progress through training, in [0, 1]
+) -> float:
+    "Decay the update at optimizer step `step` applies: `decay_at(step, pct)**update_every` (it keeps `current_decay`)"
+    self._fit.decay = self.decay_at(step, pct)
+    return interval_decay(self._fit.decay, self.update_every)
 
 # %% ../nbs/05_callback.ipynb #3cfeb09d
 @patch
