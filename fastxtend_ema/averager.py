@@ -177,10 +177,14 @@ class ModelEMA(Averager):
         self.avg_names,self.copy_names = select_tensors(model, all_parameters, all_buffers)
         if module is None: module = make_ema_module(model, self.avg_names, ema_device, ema_dtype)
         else: check_state(model, module.state_dict(), 'EMA module')
-        self.module = module
-        mt,et = named_tensors(model),named_tensors(module)
-        self.avg = EMAPairs([mt[n] for n in self.avg_names], [et[n] for n in self.avg_names], foreach, compile)
-        self.copied = EMAPairs([mt[n] for n in self.copy_names], [et[n] for n in self.copy_names], foreach)
+        self.module,self.foreach,self.compile = module,foreach,compile
+        self._pair()
+
+    def _pair(self):
+        "Pair the model's tensors with the EMA's, by the names averaged and copied"
+        mt,et = named_tensors(self.model),named_tensors(self.module)
+        self.avg = EMAPairs([mt[n] for n in self.avg_names], [et[n] for n in self.avg_names], self.foreach, self.compile)
+        self.copied = EMAPairs([mt[n] for n in self.copy_names], [et[n] for n in self.copy_names], self.foreach)
 
     def tensors(self) -> dict[str,Tensor]:
         "The EMA's tensors by the plain model's state-dict names (the copied ones synced first)"
@@ -398,3 +402,20 @@ def make_averager(
 ) -> Averager:
     "`ShardedModelEMA` for a `fully_shard`ed (FSDP2) model, else `ModelEMA`"
     return (ShardedModelEMA if is_sharded(model) else ModelEMA)(model, **kwargs)
+
+# %% ../nbs/01_averager.ipynb #a1c0e102
+@patch
+@torch.no_grad()
+def track_trainable(self:Averager) -> list[str]: # The names that joined the averaged set
+    "Average from now on the parameters copied so far that have become trainable"
+    params = dict(self.model.named_parameters())
+    new = [n for n in self.copy_names if n in params and params[n].requires_grad and params[n].is_floating_point()]
+    if not new: return new
+    if self.swapped: raise RuntimeError('the EMA is swapped into the model: call unswap() first')
+    self.avg.flush(); self.copied.copy_()   # their EMA: their value now
+    joined = set(new)
+    self.avg_names,self.copy_names = self.avg_names+new,[n for n in self.copy_names if n not in joined]
+    self._pair()
+    return new
+
+ShardedModelEMA._pair = ShardedModelEMA.refresh

@@ -6,15 +6,17 @@ Docs: https://fastxtend-ema.github.io/fastxtend_ema/callback.html.md"""
 
 # %% ../nbs/05_callback.ipynb #6038e0e5
 from __future__ import annotations
-import sys, warnings
+import difflib, inspect, os, sys, warnings
+from contextlib import contextmanager
 from copy import deepcopy
 import torch
 from torch import nn
-from fastcore.basics import patch
+from fastcore.basics import patch, class2attr
 from fastcore.meta import delegates
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import Learner, Metric, AvgLoss, _maybe_item
+from fastai.callback.training import GradientAccumulation
+from fastai.learner import Learner, Metric, AvgLoss, Recorder, _maybe_item
 from fastai.callback.schedule import SchedCos, SchedLin, SchedExp, SchedPoly
 from .update import unwrap_model, select_tensors, named_tensors, ema_dtype_for, check_state
 from .averager import Averager, make_averager, ema_state
@@ -24,7 +26,8 @@ from .loggers import log_dispatch, is_training_fit
 from .checkpoint import attach_ema_checkpoints, detach_ema_checkpoints, read_ema_file
 
 # %% auto #0
-__all__ = ['EMABase', 'EMACallback', 'EMAHorizonWarning', 'EMAMetricValue', 'EMASchedule', 'recompute_bn']
+__all__ = ['EMABase', 'ema_holders', 'check_holders', 'swapped', 'EMAMetricValue', 'score_metrics', 'validate_weights',
+           'EMACallback', 'EMAHorizonWarning', 'EMASchedule', 'recompute_bn']
 
 # %% ../nbs/05_callback.ipynb #f8c6902c
 class _DefaultDecay(float):
@@ -67,8 +70,8 @@ def _check_device(ema_device):
 # %% ../nbs/05_callback.ipynb #f17338ff
 class _Fit:
     "What an EMA callback keeps for the fit in progress"
-    __slots__ = ('skipped', 'ld', 'late', 'decay', 'last_decay')
-    def __init__(self): self.skipped,self.ld,self.late,self.decay,self.last_decay = False,None,False,None,None
+    __slots__ = ('skipped', 'ld', 'late', 'at', 'last_decay')
+    def __init__(self): self.skipped,self.ld,self.late,self.at,self.last_decay = False,None,False,None,None
 
 # %% ../nbs/05_callback.ipynb #b351a1aa
 class _Plan:
@@ -88,53 +91,209 @@ def _pct(learn:Learner, batches_done:int) -> float:
     return (learn.epoch*learn.n_iter + batches_done)/(learn.n_epoch*learn.n_iter)
 
 # %% ../nbs/05_callback.ipynb #278bcfa0
+_ALIASES = {'end_decay':'final_decay', 'max_decay':'final_decay', 'min_decay':'start_decay', 'ema_decay':'decay',
+            'beta':'decay', 'warmup':'finish', 'every':'update_every', 'device':'ema_device', 'dtype':'ema_dtype'}
+
+def _check_kwargs(cls, kwargs:dict):
+    "A `TypeError` for a keyword `cls` does not take, naming `cls`, the closest valid name and all of them"
+    if not kwargs: return
+    ps = inspect.signature(cls).parameters.values()
+    if any(p.kind == p.VAR_KEYWORD for p in ps): return
+    names = [p.name for p in ps if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for k in kwargs:
+        if k in names: continue
+        if k in getattr(cls, '_refused', {}): raise TypeError(cls._refused[k])
+        close = [_ALIASES[k]] if _ALIASES.get(k) in names else difflib.get_close_matches(k, names, n=1)
+        hint = f' (did you mean {close[0]!r}?)' if close else ''
+        raise TypeError(f'{cls.__name__}() got an unexpected keyword argument {k!r}{hint}; it takes: {", ".join(names)}')
+
+# %% ../nbs/05_callback.ipynb #a1c0e002
+_LEARNER_ATTRS = {'model', 'dls', 'opt', 'opt_func', 'loss_func', 'metrics', 'cbs', 'path', 'model_dir', 'lr', 'wd',
+    'wd_bn_bias', 'train_bn', 'moms', 'splitter', 'recorder', 'lock', 'logger', 'training', 'epoch', 'n_epoch', 'iter',
+    'n_iter', 'pred', 'loss', 'loss_grad', 'xb', 'yb', 'dl', 'final_record', 'smooth_loss', 'train_iter', 'pct_train',
+    'create_mbar', 'default_cbs', 'dict', 'name'}
+
+def _check_name(name):
+    "`name` if it can name a holder: an identifier that takes none of the Learner's attributes"
+    if name is None: return None
+    if not isinstance(name, str) or not name.isidentifier():
+        raise TypeError(f'name must be a Python identifier (learn.<name> is the callback), got {name!r}')
+    for n in (name, f'model_{name}'):
+        if n in _LEARNER_ATTRS or hasattr(Learner, n): raise ValueError(f"name={name!r} would overwrite the Learner's own attribute {n!r}")
+    return name
+
+# %% ../nbs/05_callback.ipynb #a1c0e003
 class EMABase(Callback):
-    "What a callback keeping EMAs of the model shares: checkpoints carried by `learn.save`/`load`, validation on an EMA"
+    "An EMA holder: a callback keeping EMAs of the model, with its own name, checkpoint file and validation on an EMA"
     order,run_valid = MixedPrecision.order+1,False
+    _suffix = 'ema'   # the checkpoint file's suffix without a `name`
+    _phase = _pending = None   # fit state kept from events; a load inside a fit, until the fit ends
+    def __new__(cls, *args, **kwargs):
+        _check_kwargs(cls, kwargs)
+        return super().__new__(cls)
+
+    @property
+    def name(self) -> str:
+        "fastai's name for it (`learn.<name>`): the `name` argument, else fastai's from the class"
+        return self.__dict__.get('_name') or class2attr(self, 'Callback')
+    @property
+    def model_attr(self) -> str|None:
+        "The Learner attribute its EMA module goes to after a fit: `model_ema`, or `model_{name}`"
+        n = self.__dict__.get('_name')
+        return 'model_ema' if n is None else f'model_{n}'
+    @property
+    def checkpoint_suffix(self) -> str:
+        "Its file beside fastai's checkpoint `name.pth`: `name.{checkpoint_suffix}.pth`"
+        return self.__dict__.get('_name') or self._suffix
+    @property
+    def claims_validation(self) -> bool:
+        "Whether it asks fastai's validation to run on one of its EMAs"
+        return False
+
     @property
     def learn(self) -> Learner|None:
         "The Learner this callback is on"
         return self.__dict__.get('_learn')
     @learn.setter
     def learn(self, learn):
-        # fastai sets `cb.learn` when it adds or removes the callback: that Learner's save/load carry the EMA while it is on
-        old,self.__dict__['_learn'] = self.__dict__.get('_learn'),learn
-        if learn is not None: attach_ema_checkpoints(learn)
-        elif old is not None: detach_ema_checkpoints(old, self)
+        # fastai sets `cb.learn` when it adds or removes the callback: checked first, so a refused one changes nothing
+        old = self.__dict__.get('_learn')
+        if learn is not None and learn is not old: check_holders([h for h in ema_holders(learn) if h is not self] + [self])
+        self.__dict__['_learn'] = learn
+        if learn is not None: _attach(learn)
+        elif old is not None: _detach(old, self)
 
     def _valid_averager(self) -> Averager|None:
-        "The averager validation runs on (`None`: the training weights)"
-    def _before_validate(self, *args, **kwargs):
-        "Anything to score before fastai's own validation (`validate_ema='both'`)"
+        "The averager fastai's validation runs on (`None`: the training weights)"
+    def _score_columns(self, ds_idx:int, dl):
+        "Anything to score in a validation pass of its own before fastai's (`validate_ema='both'`)"
 
 # %% ../nbs/05_callback.ipynb #ad255da4
-@patch
-def _validate_on_ema(self:EMABase, *args, **kwargs):
-    "fastai's `_do_epoch_validate`, on the EMA weights when they are due, always restoring the training weights"
-    orig = self._orig_validate
-    if self.learn is not orig.__self__:   # left behind by a fit that ended in an exception, and the callback removed
-        self._remove_validate(orig.__self__)
-        return orig(*args, **kwargs)
-    if self.run: self._before_validate(*args, **kwargs)
-    a = self._valid_averager() if self.run else None
-    swap = a is not None and a.started
-    if swap: a.swap()
-    try: return orig(*args, **kwargs)
-    finally:
-        if swap: a.unswap()
+def ema_holders(
+    learn:Learner, # Any Learner
+) -> list: # Its EMA holders, in the order fastai runs them
+    "The EMA holders on `learn`: the one registry, read from `learn.cbs`"
+    return [cb for cb in learn.cbs.sorted('order') if isinstance(cb, EMABase)]
+
+def _describe(cb) -> str:
+    "A holder as the user made it, to name it in an error"
+    args = getattr(cb, '_summary', lambda: '')()
+    return f"{type(cb).__name__}({args}{', ' if args else ''}name={cb.name!r})"
+
+def check_holders(
+    holders:list, # EMA holders meant for one Learner
+):
+    "Refuse holders that would write the same attribute or file, or that both ask to be validated on"
+    for i,a in enumerate(holders):
+        for b in holders[i+1:]:
+            for what,x,y in (('learn.{}', a.name, b.name), ('learn.{}', a.model_attr, b.model_attr),
+                             ('the checkpoint file NAME.{}.pth', a.checkpoint_suffix, b.checkpoint_suffix)):
+                if x is not None and x == y:
+                    raise ValueError(f"{_describe(a)} and {_describe(b)} would both write {what.format(x)}: give one of them a "
+                                     f"name of its own, e.g. {type(b).__name__}(..., name='{b.name}2')")
+            if a.claims_validation and b.claims_validation:
+                raise ValueError(f"{_describe(a)} and {_describe(b)} both ask fastai's validation to run on their EMA: keep "
+                                 "it on one (validate_ema=True, or PostHocEMA's validate_on); EMACallback and EMASchedule can "
+                                 "show their EMA's scores in columns of their own with validate_ema='both'")
 
 # %% ../nbs/05_callback.ipynb #cab2d741
 @patch
-def _install_validate(self:EMABase):
-    self._orig_validate = type(self.learn)._do_epoch_validate.__get__(self.learn)
-    self.learn._do_epoch_validate = self._validate_on_ema
+def _open_fit(self:EMABase):
+    "A training fit begins; returns what a load after a fit that ended in an exception left for it (or `None`)"
+    crashed = self._phase == 'fit'   # the last fit never sent after_fit
+    left = self._pending if crashed else None
+    self.__dict__.update(_phase='fit', _pending=None)
+    return left
+
+@patch
+def _other_fit(self:EMABase):
+    "`before_fit` of `validate`, `get_preds` or `lr_find`: the training fit before it has ended (unless it is nested)"
+    if self._phase == 'end': self.__dict__['_phase'] = None
+    self.run = False   # fastai sets it back to True after `after_fit`
+
+@patch
+def _between_fits(self:EMABase) -> bool:
+    "Whether a load now is between fits (else inside one, its `after_fit` events included)"
+    p = self._phase
+    return p is None or (p == 'end' and self.learn.__dict__.get('dl') is None)   # fastai's `_end_cleanup` ran: the fit is over
 
 # %% ../nbs/05_callback.ipynb #a9df4471
-@patch
-def _remove_validate(self:EMABase, learn=None):
-    learn = self.learn if learn is None else learn
-    if learn.__dict__.get('_do_epoch_validate') == self._validate_on_ema: del learn.__dict__['_do_epoch_validate']
-    self._orig_validate = None
+@contextmanager
+def swapped(
+    averager:Averager|None, # Its EMA goes into the model's tensors; `None`: nothing changes
+):
+    "The averager's EMA in the model inside the block; the training weights back after it, bit for bit, whatever happens"
+    if averager is None or averager.swapped: yield; return
+    averager.swap()
+    try: yield
+    finally: averager.unswap()
+
+# %% ../nbs/05_callback.ipynb #ea1d77ac
+class EMAMetricValue(Metric):
+    "A `Recorder` column holding an EMA score computed by the EMA callback (`validate_ema='both'`)"
+    def __init__(self, name:str): self._name,self.val = name,None
+    @property
+    def name(self): return self._name
+    def reset(self): pass
+    def accumulate(self, learn): pass
+    @property
+    def value(self): return self.val
+
+# %% ../nbs/05_callback.ipynb #a1c0e005
+class _Scores(Callback):
+    "Loss and metrics of a validation pass, accumulated where and as fastai's `Recorder` does"
+    order,run_train = Recorder.order,False
+    def __init__(self, mets:list): self.mets = mets
+    def before_validate(self):
+        for m in self.mets: m.reset()
+    def after_batch(self):
+        if len(self.yb) == 0: return
+        for m in self.mets: m.accumulate(self.learn)
+
+def score_metrics(
+    learn:Learner, # The Learner whose scores are wanted
+) -> list: # `AvgLoss()`, then a copy of each of `learn.metrics`
+    "Fresh copies of what fastai's `Recorder` scores in validation (EMA columns left out)"
+    return [AvgLoss()] + [deepcopy(m) for m in learn.metrics if not isinstance(m, EMAMetricValue)]
+
+# %% ../nbs/05_callback.ipynb #a1c0e006
+def validate_weights(
+    learn:Learner, # The Learner, in a fit or not
+    averager:Averager|None, # The weights to validate; `None`: the training weights
+    ds_idx:int=1, # Which of `learn.dls` (as in `learn.validate`)
+    dl=None, # Or this `DataLoader`
+    mets:list|None=None, # What to accumulate; default: `score_metrics(learn)`
+    in_fit:bool=False, # Called from inside fastai's training loop (the EMA callbacks' own validation pass)
+) -> list[float]: # The loss, then the metrics
+    "fastai's validation of `averager`'s weights, all its events included; the `Recorder` and the training weights untouched"
+    mets = score_metrics(learn) if mets is None else mets
+    rec = [cb for cb in learn.cbs if isinstance(cb, Recorder)]
+    with learn.removed_cbs(rec), learn.added_cbs(_Scores(mets)), swapped(averager):
+        if in_fit: type(learn)._do_epoch_validate(learn, ds_idx, dl)   # fastai's, not the wrapper below
+        else: learn.validate(ds_idx, dl)
+    return [_maybe_item(m) for m in mets]
+
+# %% ../nbs/05_callback.ipynb #a1c0e008
+class _EMAValidation:
+    "`learn._do_epoch_validate` while EMA holders are on `learn`: fastai's, after each `'both'` pass, on the EMA validated on"
+    def __init__(self, learn:Learner): self.learn = learn
+    def __call__(self, ds_idx=1, dl=None):
+        learn = self.learn
+        hs = [h for h in ema_holders(learn) if h.run and h._phase == 'fit']   # a training fit, not one nested in it
+        for h in hs: h._score_columns(ds_idx, dl)
+        a = next((a for h in hs if (a := h._valid_averager()) is not None and a.started), None)
+        with swapped(a): return type(learn)._do_epoch_validate(learn, ds_idx, dl)
+
+def _attach(learn:Learner):
+    "An EMA holder was added: `learn`'s save/load and validation carry the EMAs"
+    attach_ema_checkpoints(learn)
+    if not isinstance(learn.__dict__.get('_do_epoch_validate'), _EMAValidation): learn.__dict__['_do_epoch_validate'] = _EMAValidation(learn)
+
+def _detach(learn:Learner, cb):
+    "`cb` is leaving `learn`: fastai's own methods back once no other holder is on it"
+    detach_ema_checkpoints(learn, cb)
+    if any(h is not cb for h in ema_holders(learn)): return
+    if isinstance(learn.__dict__.get('_do_epoch_validate'), _EMAValidation): del learn.__dict__['_do_epoch_validate']
 
 # %% ../nbs/05_callback.ipynb #e46c7668
 class EMACallback(EMABase):
@@ -154,6 +313,8 @@ class EMACallback(EMABase):
         update_every:int=1, # Update on every `update_every`-th optimizer step, with `decay**update_every`
         ema_dtype:torch.dtype|None=None, # EMA dtype; `None`: float32 for fp16/bf16 tensors, else the model's
         ema_compile:bool|None=None, # Compile the step of a bf16/fp16 model's fp32 EMA; `None`: when the fit repays it
+        switch:bool=False, # Switch EMA: write the EMA into the training weights at the end of every epoch
+        name:str|None=None, # Name of this EMA: `learn.<name>`, `learn.model_<name>`, `models/file.<name>.pth`
     ):
         if half_life is not None:
             if decay is not _DECAY: raise ValueError('pass either decay or half_life, not both')
@@ -162,38 +323,45 @@ class EMACallback(EMABase):
         self.decay,self.half_life = (decay if callable(decay) else check_decay(decay)),half_life
         self._init(start=start, ema_device=ema_device, validate_ema=validate_ema, replace_weights=replace_weights,
                    foreach=foreach, resume=resume, all_parameters=all_parameters, all_buffers=all_buffers, skip_ema=skip_ema,
-                   update_every=update_every, ema_dtype=ema_dtype, ema_compile=ema_compile)
+                   update_every=update_every, ema_dtype=ema_dtype, ema_compile=ema_compile, switch=switch, name=name)
 
     def _init(self, start=0, ema_device=None, validate_ema=True, replace_weights=False, foreach=None, resume=False,
-              all_parameters=False, all_buffers=False, skip_ema=True, update_every=1, ema_dtype=None, ema_compile=None):
+              all_parameters=False, all_buffers=False, skip_ema=True, update_every=1, ema_dtype=None, ema_compile=None,
+              switch=False, name=None):
         "Check and keep the arguments every EMA callback takes"
         Callback.__init__(self)
+        self.__dict__['_name'] = _check_name(name)
         self.start,self.update_every = check_when(start, 'start'),check_every(update_every)
         self.ema_device,self.ema_dtype = _check_device(ema_device),_check_dtype(ema_dtype)
         if not (isinstance(validate_ema, str) and validate_ema == 'both'): _check_flag(validate_ema, 'validate_ema', " (or 'both')")
         self.validate_ema = validate_ema
         for n,v in (('replace_weights', replace_weights), ('resume', resume), ('all_parameters', all_parameters),
-                    ('all_buffers', all_buffers), ('skip_ema', skip_ema)): setattr(self, n, _check_flag(v, n))
+                    ('all_buffers', all_buffers), ('skip_ema', skip_ema), ('switch', switch)): setattr(self, n, _check_flag(v, n))
         self.foreach = foreach if foreach is None else _check_flag(foreach, 'foreach')
         self.ema_compile = ema_compile if ema_compile is None else _check_flag(ema_compile, 'ema_compile', ' (or None)')
-        self.averager,self._fit,self._loaded,self._plan = None,_Fit(),None,None
+        self.averager,self._fit,self._loaded,self._plan,self._ema_cols = None,_Fit(),None,None,[]
 
+    def _summary(self): return 'decay=<form>' if callable(self.decay) else f'decay={self.decay:g}'
+    @property
+    def claims_validation(self) -> bool: return self.validate_ema is True
     def _valid_averager(self): return self.averager if self.validate_ema is True else None
-    def _before_validate(self, *args, **kwargs):
-        if self.validate_ema == 'both' and self.averager is not None: self._score_ema(*args, **kwargs)
 
     def before_fit(self):
         "Build the EMA for this fit (nothing in `lr_find`, `get_preds` or `validate`)"
-        _remove_ema_columns(self.learn)   # left by a fit that ended in an exception
-        if not is_training_fit(self.learn): self.run = False; return   # fastai sets `run` back to True after `after_fit`
+        if not is_training_fit(self.learn): return self._other_fit()
+        check_holders(ema_holders(self.learn))   # arguments may have changed since the callbacks were added
+        self._remove_ema_columns()   # left by a fit that ended in an exception
+        if (left := self._open_fit()) is not None: self._loaded = left
         self._setup()
         if self.validate_ema == 'both': self._add_ema_columns()
-        self._install_validate()
         self._fit.ld = log_dispatch(self.learn)   # None without a W&B/TensorBoard logger: then logging costs one check
 
     def before_train(self):
-        "The EMA can start at an epoch boundary (this also covers `fit(start_epoch=k)`)"
-        if not self.averager.started and self.learn.epoch/self.learn.n_epoch + 1e-9 >= self._plan.start: self._begin()
+        "Newly trainable weights join the average; the EMA can start at an epoch boundary (also `fit(start_epoch=k)`)"
+        a = self.averager
+        self.__dict__['_pending'] = None   # training goes on after a load inside this fit
+        a.track_trainable()
+        if not a.started and not self._fit.late and self.learn.epoch/self.learn.n_epoch + 1e-9 >= self._plan.start: self._begin()
 
     def after_cancel_step(self): self._fit.skipped = True
     def after_cancel_batch(self): self._fit.skipped = True
@@ -204,28 +372,40 @@ class EMACallback(EMABase):
         skipped,f.skipped = f.skipped,False
         if not a.started:
             decay = 0.   # before the start the EMA is the model
-            if _pct(learn, learn.iter+1) + 1e-9 >= self._plan.start: self._begin()
+            if not f.late and _pct(learn, learn.iter+1) + 1e-9 >= self._plan.start: self._begin()
         else:
             decay = 1.   # no update: the EMA keeps all of itself
             if not (self.skip_ema and (skipped or not learn.yb)):   # an optimizer step happened in this batch
                 a.steps += 1
                 if a.steps % self.update_every == 0:
-                    decay = f.last_decay = self.update_decay(a.steps, _pct(learn, learn.iter))
+                    pct = _pct(learn, learn.iter)
+                    decay = f.last_decay = self.update_decay(a.steps, pct)
+                    f.at = (a.steps, pct)
                     a.update(decay)
         if f.ld is not None: f.ld.log(ema_decay=decay)
 
+    def after_epoch(self):
+        "Switch EMA: after the epoch's validation, the EMA's weights become the training weights"
+        if self.switch and self.averager.started: self.averager.copy_to_model()
+
     def after_fit(self):
-        "`learn.model_ema` is the EMA; with `replace_weights`, so are the model's weights"
-        self._remove_validate()
-        _remove_ema_columns(self.learn)
+        "`learn.<model_attr>` is the EMA; with `replace_weights`, so are the model's weights"
+        self.__dict__['_phase'] = 'end'
+        self._remove_ema_columns()
         a = self.averager
         if not a.started:
-            if not self._fit.late: warnings.warn(f'{type(self).__name__}: the EMA never started in this fit, learn.model_ema is left as it was')
+            if not self._fit.late: warnings.warn(f'{type(self).__name__}: the EMA never started in this fit, learn.{self.model_attr} is left as it was')
             return
         a.unswap(); a.sync()
-        self.learn.model_ema = a.module
-        self.learn.__dict__['_ema_averager'] = a   # with its counters: what a later `resume` continues from
+        self._publish(a)
         if self.replace_weights: a.copy_to_model()
+
+# %% ../nbs/05_callback.ipynb #a1c0e009
+@patch
+def _publish(self:EMACallback, a:Averager):
+    "`learn.<model_attr>` becomes the EMA module, with the averager (and its counters) a later `resume` continues from"
+    setattr(self.learn, self.model_attr, a.module)
+    self.learn.__dict__[f'_{self.model_attr}_averager'] = a
 
 # %% ../nbs/05_callback.ipynb #89761895
 @patch(as_prop=True)
@@ -249,7 +429,8 @@ def updates(self:EMACallback) -> int:
 @patch(as_prop=True)
 def current_decay(self:EMACallback) -> float|None:
     "Per-step decay in force at the latest update (a schedule's value; `None` before an update)"
-    return self._fit.decay
+    at = self._fit.at
+    return None if at is None else self.decay_at(*at)
 
 # %% ../nbs/05_callback.ipynb #a2c9ebd5
 @patch(as_prop=True)
@@ -275,10 +456,10 @@ def decay_at(self:EMACallback,
 def update_decay(self:EMACallback,
     step:int, # Optimizer steps counted since the EMA started, this one included (a multiple of `update_every`)
     pct:float, # Progress through training, in [0, 1]
+    plan:_Plan|None=None, # The fit's positions; default: the current fit's
 ) -> float:
-    "Decay the update at optimizer step `step` applies: `decay_at(step, pct)**update_every` (it keeps `current_decay`)"
-    self._fit.decay = self.decay_at(step, pct)
-    return interval_decay(self._fit.decay, self.update_every)
+    "Decay the update at optimizer step `step` applies: `decay_at(step, pct)**update_every`"
+    return interval_decay(self.decay_at(step, pct, plan), self.update_every)
 
 # %% ../nbs/05_callback.ipynb #3cfeb09d
 @patch
@@ -318,16 +499,16 @@ def _setup(self:EMACallback):
     self._plan,self._fit = self.plan(n_epoch, n_iter),_Fit()
     self._fit.late = late = self._plan.start >= 1
     if late: warnings.warn(f'{type(self).__name__}: start={self.start} is at or after the end of this {n_epoch}-epoch fit: '
-                           'the EMA does not start, and this fit does not set learn.model_ema')
+                           f'the EMA does not start, and this fit does not set learn.{self.model_attr}', stacklevel=_user_stacklevel())
     loaded,self._loaded = self._loaded,None
-    prev = learn.__dict__.get('model_ema')
+    prev = learn.__dict__.get(self.model_attr)
     resume = loaded is None and self.resume and isinstance(prev, nn.Module)
     model = unwrap_model(learn.model)
     a = self.averager = make_averager(model, module=prev if resume else None, compile=self._compile_for(model, self._plan),
                                       **self._averager_args())
     if loaded is not None and loaded.state is not None: a.load_state(loaded.state)
     elif resume:   # the counters of the averager that made `learn.model_ema`, if it is that one
-        pa = learn.__dict__.get('_ema_averager')
+        pa = learn.__dict__.get(f'_{self.model_attr}_averager')
         a.started,(a.steps,a.updates) = True,((pa.steps,pa.updates) if pa is not None and pa.module is prev else (0,0))
     elif not late: self._check_horizon(n_epoch, n_iter)
 
@@ -342,6 +523,41 @@ def _begin(self:EMACallback):
 # %% ../nbs/05_callback.ipynb #e1572108
 class EMAHorizonWarning(UserWarning):
     "An EMA whose fit is too short for its decay: at the end it is still mostly the weights it started from"
+
+# %% ../nbs/05_callback.ipynb #a1c0e010
+def _package_dir(name:str) -> str:
+    "The folder of package `name`, with a trailing separator"
+    import importlib.util
+    spec = importlib.util.find_spec(name)
+    return os.path.dirname(spec.origin) + os.sep if spec and spec.origin else '\0'
+
+_INTERNAL = tuple(_package_dir(n) for n in ('fastai', 'fastcore', 'torch', 'fastxtend_ema'))
+
+def _user_stacklevel() -> int:
+    "`stacklevel` for a warning raised here: the first frame outside fastai, fastcore, torch and this package"
+    f,level = sys._getframe(2),2
+    while f is not None and f.f_code.co_filename.startswith(_INTERNAL): f,level = f.f_back,level+1
+    return level
+
+# %% ../nbs/05_callback.ipynb #a1c0e011
+def _step_batches(learn:Learner, n_epoch:int, n_iter:int, skip_ema:bool=True) -> tuple[list[bool], str]:
+    "Which training batches of a fit will take an optimizer step, and how that was counted (for the warning)"
+    total = n_epoch*n_iter
+    ga = [cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)]
+    if not skip_ema or not ga: return [True]*total,''
+    dl = learn.dls.train
+    bs,n = getattr(dl, 'bs', None),getattr(dl, 'n', None)
+    if not bs: return [True]*total,' (every batch counted as a step: the batch size is unknown)'
+    sizes = [bs]*n_iter
+    last = (n or 0) - bs*(n_iter-1)
+    if n_iter and not getattr(dl, 'drop_last', True) and 0 < last < bs: sizes[-1] = last   # a short last batch
+    n_acc,count,out = ga[0].n_acc,0,[]
+    for _ in range(n_epoch):   # fastai's GradientAccumulation: a step once `n_acc` samples are in
+        for s in sizes:
+            count += s
+            out.append(count >= n_acc)
+            if count >= n_acc: count = 0
+    return out,f' with GradientAccumulation(n_acc={n_acc})' 
 
 # %% ../nbs/05_callback.ipynb #3f4a955f
 @patch
@@ -360,81 +576,76 @@ def _constant_decay(self:EMACallback) -> float|None: return None if callable(sel
 
 # %% ../nbs/05_callback.ipynb #fea82d7a
 @patch
-def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.2):
-    "Warn when more than `limit` of the EMA would still be its starting weights at the end of the fit"
-    share,n = 1.,0
-    for d in self._decays(self.plan(n_epoch, n_iter)):
-        if d == 0.: continue   # before the start
-        share *= d; n += 1
-        if share < limit: return
-    if n == 0: return
-    d = self._constant_decay
-    what = f'decay={d:.6g} averages over about {1/(1-d):,.0f} steps' if d else 'its decays average over too many steps'
-    fix = (f'use EMASchedule() (a decay that warms up), or a shorter horizon such as half_life={max(1, round(n/20))} (steps)'
-           if d else 'use decays whose horizon 1/(1-decay) is a few percent of the steps in the fit')
-    warnings.warn(f'{type(self).__name__}: this fit has {n:,} training batches after the EMA starts, but {what}, so at its '
-                  f'end {share:.0%} of the EMA will still be the weights it started from, and validation on it looks as if '
-                  f'training failed. For a fit this short, {fix}.', EMAHorizonWarning, stacklevel=2)
+def _horizon(self:EMACallback,
+    n_epoch:int, n_iter:int, # The fit's length
+    steps:list[bool]|None=None, # Which batches take an optimizer step; default: all
+) -> tuple[float, float, int]: # Weighted age at the end, as a share of the steps averaged; starting weights' share; those steps
+    "How old the EMA is at the end of such a fit, computed backwards from the decays `after_batch` will apply"
+    plan = self.plan(n_epoch, n_iter)
+    T = plan.total
+    steps = [True]*T if steps is None else steps
+    if plan.start >= 1: return 0.,0.,0
+    b0 = next((b for b in range(T) if b/T + 1e-9 >= plan.start), T)   # the EMA starts before this batch
+    n = [0]*T   # optimizer steps from the start to each batch, that one included
+    c = 0
+    for b in range(b0, T): c += steps[b]; n[b] = c
+    total = c
+    p,age,after = 1.,0.,0   # mass not yet placed (the oldest weights), sum of mass*age, steps after batch b
+    for b in range(T-1, b0-1, -1):
+        if not steps[b]: continue
+        if n[b] % self.update_every: after += 1; continue
+        d = self.update_decay(n[b], b/T, plan)
+        age += p*(1.-d)*after; p *= d; after += 1
+        if p < 1e-6: break   # what is left weighs less than that, at most `total` steps old
+    age += p*total
+    return (age/total if total else 0.),p,total
 
-# %% ../nbs/05_callback.ipynb #ea1d77ac
-class EMAMetricValue(Metric):
-    "A `Recorder` column holding an EMA score computed by the EMA callback (`validate_ema='both'`)"
-    def __init__(self, name:str): self._name,self.val = name,None
-    @property
-    def name(self): return self._name
-    def reset(self): pass
-    def accumulate(self, learn): pass
-    @property
-    def value(self): return self.val
+@patch
+def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.45):
+    "Warn when the EMA's weighted age at the end of the fit is more than `limit` of the steps it averages"
+    steps,how = _step_batches(self.learn, n_epoch, n_iter, self.skip_ema)
+    share,start_share,n = self._horizon(n_epoch, n_iter, steps)
+    if n == 0 or share <= limit: return
+    d,cls = self._constant_decay,type(self).__name__
+    what = (f'decay={d:.6g} averages over about {1/(1-d):,.0f} steps' if d is not None else
+            f'its decays average over too many of them')
+    fix = (f'use a shorter horizon such as half_life={max(1, round(n/20))} (steps)' if d is not None else
+           f'use decays whose horizon 1/(1-decay) is a few percent of the fit, e.g. final_decay={1-20/n:.4g}'
+           if isinstance(self, EMASchedule) else 'use a decay form whose horizon 1/(1-decay) is a few percent of the fit')
+    warnings.warn(f'{cls}: this fit has {len(steps):,} training batches and {n:,} optimizer steps after the EMA starts{how}, '
+                  f'but {what}: at the end, the EMA will be on average {share*n:,.0f} steps old ({share:.0%} of the steps it '
+                  f'averages; {start_share:.0%} of it still the weights it started from), and validation on it will look '
+                  f'worse than on the training weights. For a fit this short, {fix}, or PostHocEMA to choose the width after '
+                  'training.', EMAHorizonWarning, stacklevel=_user_stacklevel())
 
 # %% ../nbs/05_callback.ipynb #1ac62b4e
-def _remove_ema_columns(learn):
-    if any(isinstance(m, EMAMetricValue) for m in learn.metrics):
-        learn.metrics = [m for m in learn.metrics if not isinstance(m, EMAMetricValue)]
+@patch
+def _remove_ema_columns(self:EMACallback):
+    "Take this callback's EMA columns off the Learner"
+    cols = self._ema_cols
+    if cols and any(m in cols for m in self.learn.metrics): self.learn.metrics = [m for m in self.learn.metrics if m not in cols]
+    self._ema_cols = []
 
 # %% ../nbs/05_callback.ipynb #549dc8d1
 @patch
 def _add_ema_columns(self:EMACallback):
     "EMA loss and metric columns after fastai's own, and copies of the metrics that compute them"
     learn = self.learn
-    self._ema_mets = [AvgLoss()] + [deepcopy(m) for m in learn.metrics]
-    self._ema_cols = [EMAMetricValue('ema_valid_loss')] + [EMAMetricValue(f'ema_{m.name}') for m in learn.metrics]
+    pre = 'ema' if self.__dict__.get('_name') is None else self.name
+    self._ema_mets = score_metrics(learn)
+    self._ema_cols = [EMAMetricValue(f'{pre}_valid_loss')] + [EMAMetricValue(f'{pre}_{m.name}') for m in self._ema_mets[1:]]
     learn.metrics = list(learn.metrics) + self._ema_cols
 
 # %% ../nbs/05_callback.ipynb #a5056458
 @patch
-@torch.no_grad()
-def _score_ema(self:EMACallback, ds_idx=1, dl=None):
-    "Loss and metrics of the EMA weights on the validation set, into the EMA columns"
-    learn,a = self.learn,self.averager
-    dl = learn.dls[ds_idx] if dl is None else dl
-    saved = {k:learn.__dict__.get(k) for k in ('xb','yb','pred','loss','dl','training')}
-    swap = a.started
-    if swap: a.swap()
-    try:
-        learn.model.eval(); learn.training = False
-        for m in self._ema_mets: m.reset()
-        for b in dl:
-            learn._split(learn._set_device(b))
-            learn.pred = learn.model(*learn.xb)
-            learn.loss = learn.loss_func(learn.pred, *learn.yb)
-            for m in self._ema_mets: m.accumulate(learn)
-        for col,m in zip(self._ema_cols, self._ema_mets): col.val = _maybe_item(m)
-    finally:
-        if swap: a.unswap()
-        learn.__dict__.update(saved)
-
-# %% ../nbs/05_callback.ipynb #9ee3cd29
-def _in_fit(learn:Learner) -> bool:
-    "Whether `learn` is inside `fit`, its `after_fit` events included (`Learner.fit` runs them in `_with_events`)"
-    f = sys._getframe(1)
-    while f is not None:
-        if f.f_code.co_name == '_with_events' and f.f_locals.get('event_type') == 'fit' and f.f_locals.get('self') is learn: return True
-        f = f.f_back
-    return False
+def _score_columns(self:EMACallback, ds_idx=1, dl=None):
+    "`validate_ema='both'`: the EMA's loss and metrics, from a validation pass of fastai's own, into the EMA columns"
+    if self.validate_ema != 'both' or not self._ema_cols: return
+    a = self.averager
+    vals = validate_weights(self.learn, a if a.started else None, ds_idx, dl, self._ema_mets, in_fit=True)
+    for col,v in zip(self._ema_cols, vals): col.val = v
 
 # %% ../nbs/05_callback.ipynb #0fade323
-EMACallback.checkpoint_suffix = 'ema'
 EMACallback.read_checkpoint = staticmethod(read_ema_file)
 
 @patch
@@ -449,10 +660,10 @@ def averagers(self:EMACallback) -> list:
 
 @patch
 def checkpoint_state(self:EMACallback) -> dict|None:
-    "The EMA state `learn.save` writes: this callback's EMA, else the Learner's `model_ema`; `None` if there is none"
+    "The EMA state `learn.save` writes: this callback's EMA, else the Learner's `model_attr`; `None` if there is none"
     a,learn = self.averager,self.learn
     if a is not None: return a.state()
-    m,pa = learn.__dict__.get('model_ema'),learn.__dict__.get('_ema_averager')
+    m,pa = learn.__dict__.get(self.model_attr),learn.__dict__.get(f'_{self.model_attr}_averager')
     if pa is not None and pa.module is m: return pa.state()
     if not isinstance(m, nn.Module): return None
     return ema_state(True, 0, 0, {n:t.detach() for n,t in m.state_dict().items()})   # a module set by hand: no counters
@@ -467,12 +678,12 @@ def load_checkpoint_state(self:EMACallback,
     if a is not None:
         if state is None: a.reset()
         else: a.load_state(state)
-    elif state is not None:   # no EMA yet: `learn.model_ema` holds the loaded one
+    elif state is not None:   # no EMA yet: `learn.<model_attr>` holds the loaded one
         a = self.averager = make_averager(unwrap_model(learn.model), **self._averager_args())
         a.load_state(state)
-        learn.model_ema = a.module
-        learn.__dict__['_ema_averager'] = a
-    if not _in_fit(learn): self._loaded = _Loaded(state)
+        self._publish(a)
+    if self._between_fits(): self._loaded = _Loaded(state)
+    else: self.__dict__['_pending'] = _Loaded(state)   # inside a fit, or after one that ended in an exception
 
 # %% ../nbs/05_callback.ipynb #4561605f
 def _check_schedule(schedule, start_decay:float, final_decay:float):
@@ -490,6 +701,7 @@ def _check_schedule(schedule, start_decay:float, final_decay:float):
 class EMASchedule(EMACallback):
     "`EMACallback` whose decay follows `schedule` from `start_decay` to `final_decay` between `start` and `finish`"
     _constant_decay = None
+    _refused = {k:f'EMASchedule takes start_decay and final_decay, not {k}' for k in ('decay', 'half_life')}
     def __init__(self,
         start_decay:float=0.9, # Decay at `start`
         final_decay:float=0.9998, # Decay from `finish` on
@@ -508,6 +720,7 @@ class EMASchedule(EMACallback):
         if type(self.start)==type(self.finish) and self.start > self.finish:
             raise ValueError(f'start ({self.start}) must not be after finish ({self.finish})')
 
+    def _summary(self): return f'start_decay={self.start_decay:g}, final_decay={self.final_decay:g}'
     def plan(self, n_epoch:int, n_iter:int) -> _Plan:
         "Where a fit of this length puts the EMA's start and the warmup's finish"
         p = _Plan(as_fraction(self.start, n_epoch), n_epoch*n_iter, as_fraction(self.finish, n_epoch))

@@ -20,7 +20,8 @@ from .averager import Averager, make_averager, is_sharded, check_ema_state, Mode
 from .decay import check_every
 from .loggers import is_training_fit
 from .checkpoint import read_file
-from .callback import EMABase, _check_device, _check_dtype, _check_flag
+from .callback import (EMABase, _check_device, _check_dtype, _check_flag, _check_name, _Loaded,
+                                    check_holders, ema_holders, validate_weights)
 
 # %% auto #0
 __all__ = ['GAMMA_SIGMA_MAX', 'SIGMA_REL_MAX', 'gamma_to_sigma_rel', 'sigma_rel_to_gamma', 'power_beta', 'power_ema_weights',
@@ -166,7 +167,7 @@ def reconstruct(
 # %% ../nbs/08_posthoc.ipynb #9930e58b
 class PostHocEMA(EMABase):
     "Track power-function EMAs and snapshot them during fit, to choose the EMA's width after training (EDM2)"
-    checkpoint_suffix = 'posthoc'
+    _suffix,model_attr = 'posthoc',None   # its EMAs are read through it, not a Learner attribute
     def __init__(self,
         sigma_rels=(0.05, 0.10), # Relative widths of the tracked power-function EMAs
         snapshot_every:int|None=None, # Optimizer steps between snapshots; `None`: 32 snapshots over the first fit
@@ -179,8 +180,12 @@ class PostHocEMA(EMABase):
         skip_ema:bool=True, # Skip batches whose optimizer step did not happen
         all_parameters:bool=False, # Average frozen parameters too
         all_buffers:bool=False, # Average non-persistent floating buffers too
+        name:str|None=None, # Its name: `learn.<name>` (default `post_hoc_ema`), `models/file.<name>.pth` (default `posthoc`)
     ):
         Callback.__init__(self)
+        self.__dict__['_name'] = _check_name(name)
+        if sigma_rels is None or isinstance(sigma_rels, (str, bool)) or not (isinstance(sigma_rels, (int, float)) or hasattr(sigma_rels, '__iter__')):
+            raise TypeError(f'sigma_rels must be a width in (0, 0.3] or a sequence of them, got {sigma_rels!r}')
         sigma_rels = (sigma_rels,) if isinstance(sigma_rels, (int, float)) else tuple(sigma_rels)
         if not sigma_rels: raise ValueError('sigma_rels must name at least one width')
         self.sigma_rels,self.gammas = sigma_rels,[float(sigma_rel_to_gamma(s)) for s in sigma_rels]
@@ -195,7 +200,7 @@ class PostHocEMA(EMABase):
         self.validate_on,self.folder = validate_on,folder
         self.ema_device,self.ema_dtype = _check_device(ema_device),_check_dtype(ema_dtype)
         for n,v in (('skip_ema', skip_ema), ('all_parameters', all_parameters), ('all_buffers', all_buffers)): setattr(self, n, _check_flag(v, n))
-        self.emas,self._loaded,self._skipped = [],None,False
+        self.emas,self._skipped = [],False
         self.reset()
 
     def reset(self):
@@ -209,13 +214,13 @@ class PostHocEMA(EMABase):
 
     def before_fit(self):
         "Build the tracked EMAs (continuing the tracking), check the folder, print the disk the fit's snapshots take"
-        if not is_training_fit(self.learn): self.run = False; return
+        if not is_training_fit(self.learn): return self._other_fit()
+        check_holders(ema_holders(self.learn))
         learn,model = self.learn,unwrap_model(self.learn.model)
         if is_sharded(model):
             raise ValueError('PostHocEMA does not support a fully_shard (FSDP2) model: its snapshots would need the full '
                              'weights gathered at every snapshot; use EMACallback, which supports FSDP2')
-        loaded,self._loaded = self._loaded,None
-        if loaded is not None: self._restore(loaded)
+        if (left := self._open_fit()) is not None: self._continue(left.state)   # loaded after a fit that ended in an exception
         if self.t == 0: self._check_folder()
         prev = [a.module for a in self.emas] if self.t else [None]*len(self.gammas)
         self.emas = [make_averager(model, module=m, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
@@ -224,7 +229,11 @@ class PostHocEMA(EMABase):
         total = learn.n_epoch*len(learn.dls.train)
         if self.every is None: self.every = max(1, total//32)
         self._report_footprint(total)
-        self._install_validate()
+
+    def before_train(self):
+        "Newly trainable weights join the tracked EMAs (their value now is their EMA so far)"
+        self.__dict__['_pending'] = None
+        for a in self.emas: a.track_trainable()
 
     def after_cancel_step(self): self._skipped = True
     def after_cancel_batch(self): self._skipped = True
@@ -243,10 +252,13 @@ class PostHocEMA(EMABase):
 
     def after_fit(self):
         "A snapshot at the end of the fit; the training weights back in the model"
-        self._remove_validate()
+        self.__dict__['_phase'] = 'end'
         for a in self.emas: a.unswap()
         if self.t_updated: self.snapshot()
 
+    def _summary(self): return f'sigma_rels={self.sigma_rels}'
+    @property
+    def claims_validation(self) -> bool: return self.validate_on is not None
     def _valid_averager(self):
         if self.validate_on is None or not self.emas: return None
         return self.emas[self.sigma_rels.index(self.validate_on)]
@@ -330,8 +342,11 @@ def check_checkpoint(self:PostHocEMA, state:dict, model:nn.Module, where:str):
 @patch
 def load_checkpoint_state(self:PostHocEMA, state:dict|None):
     "Continue the tracking from `state` (between fits); `None`, a checkpoint without one: a new tracking"
-    from fastxtend_ema.callback import _in_fit
-    if _in_fit(self.learn): return
+    if self._between_fits(): self._continue(state)
+    else: self.__dict__['_pending'] = _Loaded(state)   # inside a fit: the tracking goes on (see `EMABase`)
+
+@patch
+def _continue(self:PostHocEMA, state:dict|None):
     if state is None: self.reset(); self.emas = []; return
     model = unwrap_model(self.learn.model)
     emas = [make_averager(model, all_parameters=self.all_parameters, all_buffers=self.all_buffers,
@@ -347,6 +362,8 @@ def coefficients(self:PostHocEMA,
     at:int|None=None, # Step of the wanted EMA; `None`: the last snapshot's
 ) -> tuple[list, np.ndarray]: # The snapshots used (step, file) and, per snapshot, one coefficient per tracked EMA
     "The snapshots and float64 coefficients that rebuild the EMA of width `sigma_rel` at step `at`"
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
+        raise TypeError(f'sigma_rel must be one width (a number in (0, 0.3]), got {sigma_rel!r}; for several, use sweep(sigma_rels=...)')
     if not self.snapshots: raise ValueError('PostHocEMA has no snapshots yet: fit first')
     at = self.snapshots[-1][0] if at is None else at
     if at > self.snapshots[-1][0]: raise ValueError(f'at={at} is after the last snapshot ({self.snapshots[-1][0]})')
@@ -382,17 +399,10 @@ def synthesize(self:PostHocEMA,
 def validate_module(self:PostHocEMA,
     module:nn.Module, # A module of the model's architecture (a rebuilt EMA)
 ) -> list[float]: # fastai's validation: the loss, then the metrics
-    "fastai's validation of `module`'s weights, put into the model's own tensors for it"
-    learn = self.learn
-    a = ModelEMA(unwrap_model(learn.model), module=module)
+    "fastai's validation of `module`'s weights (`validate_weights`): put into the model's own tensors for it, the fit's history kept"
+    a = ModelEMA(unwrap_model(self.learn.model), module=module)
     a.started = True
-    rec = {k:learn.recorder.__dict__.get(k) for k in ('lrs', 'iters', 'losses', 'values', 'metric_names')}
-    a.swap()
-    try:
-        with learn.no_bar(), learn.no_logging(): return [float(v) for v in learn.validate()]
-    finally:
-        a.unswap()
-        learn.recorder.__dict__.update(rec)   # `validate` starts the Recorder's history anew: the fit's stays
+    with self.learn.no_bar(): return [float(v) for v in validate_weights(self.learn, a)]
 
 # %% ../nbs/08_posthoc.ipynb #b6c798a9
 @patch

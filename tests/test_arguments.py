@@ -381,7 +381,7 @@ def test_ema_dtype_fit(cls, v): check_value(cls, 'ema_dtype', dict(ema_dtype=v),
 
 # ----------------------------------------------------------------------------- validate_ema and the flags (both)
 
-FLAGS = ['replace_weights', 'resume', 'all_parameters', 'all_buffers', 'skip_ema', 'foreach', 'ema_compile']
+FLAGS = ['replace_weights', 'resume', 'all_parameters', 'all_buffers', 'skip_ema', 'foreach', 'ema_compile', 'switch']
 FLAG_VALUES = st.one_of(st.booleans(), ANY, st.sampled_from(['both', 'True', 'true', 'BOTH', 0, 1, None]))
 
 @BOTH
@@ -396,6 +396,12 @@ def test_validate_ema_construct(cls, v): check_value(cls, 'validate_ema', dict(v
 @FITS
 @given(v=st.sampled_from([True, False, 'both', None, 0, 1, np.bool_(True), torch.tensor(True)]))
 def test_validate_ema_fit(cls, v): check_value(cls, 'validate_ema', dict(validate_ema=v), fit=True)
+
+@BOTH
+@CHEAP
+@given(v=st.one_of(ANY, st.sampled_from(['model', 'dir', 'opt', 'recorder', 'a b', '', '1x', 'slow', 'ema2'])))
+@example(v='model')
+def test_name_construct(cls, v): check_value(cls, 'name', dict(name=v))
 
 @BOTH
 @pytest.mark.parametrize('name', FLAGS)

@@ -311,4 +311,4 @@ def test_default_decay_on_a_short_fit_warns_with_the_numbers():
         learn.ema._check_horizon(3, len(learn.dls.train))
     msgs = [str(o.message) for o in w if issubclass(o.category, EMAHorizonWarning)]
     assert len(msgs) == 1 and '252 training batches' in msgs[0] and 'about 5,000 steps' in msgs[0], msgs
-    assert 'EMASchedule()' in msgs[0] and 'half_life=13' in msgs[0] and '95%' in msgs[0], msgs
+    assert 'PostHocEMA' in msgs[0] and 'half_life=13' in msgs[0] and '95%' in msgs[0], msgs
