@@ -1,4 +1,4 @@
-"""The EMA file beside fastai's checkpoint: written by `learn.save`, read by `learn.load` only after everything is checked.
+"""Files beside fastai's checkpoint: written whole, as one set, by `learn.save`; read by `learn.load` once all are checked.
 
 Docs: https://fastxtend-ema.github.io/fastxtend_ema/checkpoint.html.md"""
 
