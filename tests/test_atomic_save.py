@@ -201,15 +201,15 @@ def test_holders_sharing_a_suffix_are_refused(tmp_path):
 
 def test_each_holder_round_trips_its_own_file(tmp_path):
     def make():
-        learn = synth_learner(cbs=[EMACallback(decay=0.8), EMA2(decay=0.5)], path=tmp_path)
+        learn = synth_learner(cbs=[EMACallback(decay=0.8), EMA2(decay=0.5), PostHocEMA(snapshot_every=2)], path=tmp_path)
         learn.ema2.checkpoint_suffix = 'ema2'
         return learn
     learn = fit_quiet(make(), 2)
     learn.save('ck')
-    assert files(learn) == ['ck.ema.pth', 'ck.ema2.pth', 'ck.pth']
+    assert files(learn) == ['ck.ema.pth', 'ck.ema2.pth', 'ck.posthoc.pth', 'ck.pth']
     back = make(); back.load('ck')
     assert same(state_of(back), state_of(learn))
-    a, b = state_of(back)['holders'].values()
+    a, b, _ = state_of(back)['holders'].values()
     assert not same(a['tensors'], b['tensors'])   # two EMAs, each in its own file
 
 class Epochs(CheckpointHolder):
