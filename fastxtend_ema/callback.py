@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib, inspect, os, sys, warnings
 from contextlib import contextmanager
 from copy import deepcopy
+from pathlib import Path
 import torch
 from torch import nn
 from fastcore.basics import patch, class2attr
@@ -23,7 +24,7 @@ from .averager import Averager, make_averager, ema_state
 from .decay import (check_decay, call_user, decay_from, half_life_decay, check_every, interval_decay,
                                  check_when, as_fraction, progress)
 from .loggers import log_dispatch, is_training_fit
-from .checkpoint import attach_ema_checkpoints, detach_ema_checkpoints, read_ema_file
+from .checkpoint import attach_ema_checkpoints, detach_ema_checkpoints, read_ema_file, CheckpointHolder
 
 # %% auto #0
 __all__ = ['EMABase', 'ema_holders', 'check_holders', 'swapped', 'EMAMetricValue', 'score_metrics', 'validate_weights',
@@ -123,7 +124,7 @@ def _check_name(name):
     return name
 
 # %% ../nbs/05_callback.ipynb #a1c0e003
-class EMABase(Callback):
+class EMABase(CheckpointHolder):
     "An EMA holder: a callback keeping EMAs of the model, with its own name, checkpoint file and validation on an EMA"
     order,run_valid = MixedPrecision.order+1,False
     _suffix = 'ema'   # the checkpoint file's suffix without a `name`
@@ -155,7 +156,7 @@ class EMABase(Callback):
         "The Learner this callback is on"
         return self.__dict__.get('_learn')
     @learn.setter
-    def learn(self, learn):
+    def learn(self, learn):   # `CheckpointHolder`'s, with the registry's checks first and the validation wrapper
         # fastai sets `cb.learn` when it adds or removes the callback: checked first, so a refused one changes nothing
         old = self.__dict__.get('_learn')
         if learn is not None and learn is not old: check_holders([h for h in ema_holders(learn) if h is not self] + [self])
@@ -646,7 +647,10 @@ def _score_columns(self:EMACallback, ds_idx=1, dl=None):
     for col,v in zip(self._ema_cols, vals): col.val = v
 
 # %% ../nbs/05_callback.ipynb #0fade323
-EMACallback.read_checkpoint = staticmethod(read_ema_file)
+@patch
+def read_checkpoint(self:EMACallback, file:Path) -> dict:
+    "The EMA state in `file`, checked (`read_ema_file`)"
+    return read_ema_file(file)
 
 @patch
 def check_checkpoint(self:EMACallback, state:dict, model:nn.Module, where:str):

@@ -1,4 +1,4 @@
-"""The EMA file beside fastai's checkpoint: written by `learn.save`, read by `learn.load` only after everything is checked.
+"""Files beside fastai's checkpoint: written whole, as one set, by `learn.save`; read by `learn.load` once all are checked.
 
 Docs: https://fastxtend-ema.github.io/fastxtend_ema/checkpoint.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://fastxtend-ema.github.io/fastxtend_ema/checkpoint.html.md"""
 
 # %% ../nbs/04_checkpoint.ipynb #d6b9f59f
 from __future__ import annotations
-import hashlib, pickle, warnings
+import contextlib, glob, hashlib, os, pickle, re, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,14 +14,16 @@ from torch import nn, Tensor
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
+from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.torch_core import rank_distrib, distrib_barrier, get_model
 from .update import unwrap_model, check_state
 from .averager import ema_state, check_ema_state, ModelEMA
 
 # %% auto #0
-__all__ = ['ema_file', 'read_file', 'read_ema_file', 'weights_fingerprint', 'checkpoint_holders', 'holder_file',
-           'load_ema_weights', 'save_with_ema', 'load_with_ema', 'attach_ema_checkpoints', 'detach_ema_checkpoints']
+__all__ = ['ema_file', 'read_file', 'read_ema_file', 'weights_fingerprint', 'save_atomic', 'CheckpointHolder',
+           'checkpoint_holders', 'holder_file', 'load_ema_weights', 'save_with_ema', 'load_with_ema',
+           'attach_ema_checkpoints', 'detach_ema_checkpoints']
 
 # %% ../nbs/04_checkpoint.ipynb #d9eec0c6
 def ema_file(
@@ -96,15 +98,138 @@ def _stale(state:dict, fingerprint:str|None) -> bool:
     saved = state['checkpoint']
     return saved is not None and fingerprint is not None and saved != fingerprint
 
+# %% ../nbs/04_checkpoint.ipynb #6b661dbb
+def _tmp(f:Path) -> Path:
+    "Where a save writes `f` before moving it into place: `.name.pth.tmp`, hidden, in the same folder"
+    return f.with_name(f'.{f.name}.tmp')
+
+def _prev(f:Path) -> Path:
+    "Where a save keeps the holder file `f` it replaces, until the model file is replaced: `.name.ema.pth.prev`"
+    return f.with_name(f'.{f.name}.prev')
+
+# %% ../nbs/04_checkpoint.ipynb #1876cc2e
+def _write_synced(obj, file:Path, **kwargs):
+    "`torch.save(obj)` into `file`, on disk when this returns (flushed and synced)"
+    with open(file, 'wb') as f:
+        torch.save(obj, f, **kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+
+def _sync_dir(folder:Path):
+    "Make the renames in `folder` durable; nothing where a folder cannot be opened (Windows)"
+    try: fd = os.open(folder, os.O_RDONLY)
+    except OSError: return
+    try: os.fsync(fd)
+    except OSError: pass
+    finally: os.close(fd)
+
+# %% ../nbs/04_checkpoint.ipynb #be3e1c72
+def save_atomic(
+    obj, # What `torch.save` takes
+    file:str|Path, # Where it goes
+    **kwargs, # Other arguments of `torch.save`
+) -> Path:
+    "`torch.save(obj, file)` through a synced temporary file and `os.replace`: interrupted, `file` is the old one or the new"
+    file = Path(file)
+    _write_synced(obj, _tmp(file), **kwargs)
+    os.replace(_tmp(file), file)
+    _sync_dir(file.parent)
+    return file
+
+# %% ../nbs/04_checkpoint.ipynb #8d580104
+def _settle(
+    model_file:Path, # fastai's model file of the checkpoint
+    files:list[Path], # The holder files the coming save writes
+):
+    "Finish what an interrupted save of `model_file` left: the previous checkpoint back before its commit, else the new one"
+    stem,folder = model_file.stem,model_file.parent
+    left = [model_file.with_name(p.name[1:-5]) for p in folder.glob(f'.{glob.escape(stem)}.*.pth.prev')
+            if re.fullmatch(rf'\.{re.escape(stem)}\.[\w-]+\.pth\.prev', p.name)]   # holders no longer on the Learner too
+    committed = not _tmp(model_file).exists()
+    for f in dict.fromkeys([*files, *left]):
+        if not _prev(f).exists(): continue
+        if committed: _prev(f).unlink()
+        else: os.replace(_prev(f), f)   # the previous checkpoint's file, back in place
+    for f in files: _tmp(f).unlink(missing_ok=True)
+    _tmp(model_file).unlink(missing_ok=True)   # last: while it exists, a load takes the `.prev` files
+
+# %% ../nbs/04_checkpoint.ipynb #c9a681ef
+def _current_file(
+    model_file:Path, # fastai's model file of the checkpoint
+    file:Path, # A holder's file beside it
+) -> Path:
+    "The file holding the holder's state of the checkpoint on disk: its `.prev` while an interrupted save's model temp remains"
+    return _prev(file) if _tmp(model_file).exists() and _prev(file).exists() else file
+
+# %% ../nbs/04_checkpoint.ipynb #7163ef1c
+def _commit(
+    model_file:Path, # fastai's model file: moved into place last, the commit
+    model_state, # What fastai's `save_model` writes: `{model, opt}`, or the model's state dict
+    holder_states:dict, # Each holder file, and what to write there (`None`: the file goes)
+    **kwargs, # Arguments of `torch.save`
+):
+    "Write the files of one checkpoint: each whole, and all from this save or all from the previous, whenever interrupted"
+    _settle(model_file, list(holder_states))
+    try:
+        for f,s in holder_states.items():
+            if s is not None: _write_synced(s, _tmp(f), **kwargs)
+        _write_synced(model_state, _tmp(model_file), **kwargs)   # from now until the commit, a load takes the `.prev` files
+        for f,s in holder_states.items():
+            if f.exists(): os.replace(f, _prev(f))
+            if s is not None: os.replace(_tmp(f), f)
+        os.replace(_tmp(model_file), model_file)   # the commit
+    except Exception:   # an error, not a kill (a full disk): the previous checkpoint back, no temporary file left
+        with contextlib.suppress(OSError): _settle(model_file, list(holder_states))
+        raise
+    _sync_dir(model_file.parent)
+    for f in holder_states: _prev(f).unlink(missing_ok=True)
+
+# %% ../nbs/04_checkpoint.ipynb #a9ccbbc2
+class CheckpointHolder(Callback):
+    "A callback whose state `learn.save` writes beside fastai's checkpoint (`name.{checkpoint_suffix}.pth`), and `learn.load` reads back"
+    checkpoint_suffix:str|None = None   # each holder sets its own
+
+    @property
+    def learn(self) -> Learner|None:
+        "The Learner this callback is on"
+        return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn):
+        # fastai sets `cb.learn` when it adds or removes the callback: that Learner's save/load carry the files while a holder is on
+        old,self.__dict__['_learn'] = self.__dict__.get('_learn'),learn
+        if learn is not None: attach_ema_checkpoints(learn)
+        elif old is not None: detach_ema_checkpoints(old, self)
+
+    def checkpoint_state(self) -> dict|None:
+        "The state `learn.save` writes (tensors and plain values), or `None` when there is none"
+        raise NotImplementedError(f'{type(self).__name__} must define checkpoint_state: what learn.save writes')
+    def read_checkpoint(self,
+        file:Path, # This holder's file beside a checkpoint
+    ) -> dict:
+        "The state in `file`, its format checked; an error naming the file otherwise"
+        state = read_file(file)
+        if not isinstance(state, dict) or 'checkpoint' not in state:
+            raise ValueError(f'{file} is not a {type(self).__name__} checkpoint: a dict with a `checkpoint` key was expected')
+        return state
+    def check_checkpoint(self,
+        state:dict, # From `read_checkpoint`
+        model:nn.Module, # The (unwrapped) model it is loaded beside
+        where:str, # The file's name, for errors
+    ):
+        "Refuse a `state` that does not fit `model` or this holder, changing nothing"
+    def load_checkpoint_state(self,
+        state:dict|None, # From `read_checkpoint`, checked; `None`: the checkpoint has no valid file for this holder
+    ):
+        "Continue from `state`"
+        raise NotImplementedError(f'{type(self).__name__} must define load_checkpoint_state: how learn.load restores it')
+    def averagers(self) -> list:
+        "The averagers this holder may swap into the model (a save takes them out first)"
+        return []
+
 # %% ../nbs/04_checkpoint.ipynb #0770bf26
 def checkpoint_holders(learn:Learner) -> list:
-    "The callbacks on `learn` that write a file beside its checkpoints"
-    return [cb for cb in learn.cbs if hasattr(cb, 'checkpoint_suffix')]
-
-def _by_suffix(learn:Learner) -> dict[str,list]:
-    out = {}
-    for cb in checkpoint_holders(learn): out.setdefault(cb.checkpoint_suffix, []).append(cb)
-    return out
+    "The checkpoint holders on `learn`: the callbacks that write a file beside its checkpoints"
+    return [cb for cb in learn.cbs if isinstance(cb, CheckpointHolder)]
 
 def holder_file(
     model_file:str|Path, # fastai checkpoint, e.g. `models/name.pth`
@@ -114,14 +239,33 @@ def holder_file(
     model_file = Path(model_file)
     return model_file.with_name(f'{model_file.stem}.{suffix}.pth')
 
+# %% ../nbs/04_checkpoint.ipynb #3c2ed89b
+def _cb_name(learn:Learner, cb) -> str:
+    "`cb` as an error names it: its class and place in `learn.cbs`"
+    return f'{type(cb).__name__} (learn.cbs[{next(i for i,o in enumerate(learn.cbs) if o is cb)}])'
+
+def _holders(learn:Learner, model_file:Path) -> list:
+    "`checkpoint_holders(learn)`, each with a suffix of its own; an error naming two that would write the same file"
+    seen = {}
+    for h in checkpoint_holders(learn):
+        s = h.checkpoint_suffix
+        if not isinstance(s, str) or not re.fullmatch(r'[\w-]+', s):
+            raise ValueError(f'{_cb_name(learn, h)} has checkpoint_suffix {s!r}: a name of letters, digits, _ and - is needed')
+        if s in seen:
+            raise ValueError(f'{_cb_name(learn, seen[s])} and {_cb_name(learn, h)} would both write '
+                             f'{holder_file(model_file, s).name}: give each a checkpoint_suffix of its own')
+        seen[s] = h
+    return list(seen.values())
+
 # %% ../nbs/04_checkpoint.ipynb #8dc8dc7b
 def load_ema_weights(
     learn:Learner, # Any Learner whose model has the architecture that saved the checkpoint
     file:str, # Checkpoint name, as for `learn.load`: `learn.path/learn.model_dir/file.ema.pth` is read
+    suffix:str='ema', # The EMA callback's `checkpoint_suffix`: `file.{suffix}.pth` is read
 ) -> Learner:
     "Load the EMA weights of checkpoint `file` into `learn.model`, for inference; everything is checked first"
     path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
-    ef = ema_file(path)
+    ef = _current_file(path, holder_file(path, suffix))
     if not ef.exists(): raise FileNotFoundError(f'{ef} not found: checkpoint {file!r} has no EMA state')
     state = read_ema_file(ef)
     if path.exists() and _stale(state, weights_fingerprint(_model_state(path))):
@@ -132,51 +276,67 @@ def load_ema_weights(
     return learn
 
 # %% ../nbs/04_checkpoint.ipynb #804fe0d2
-def save_with_ema(learn:Learner, file, **kwargs) -> Path:
-    "fastai's `Learner.save`, plus each holder's state beside it; never with an EMA swapped into the model"
-    if hasattr(learn, 'lr_finder'): return Learner.save(learn, file, **kwargs)   # lr_find's own save/restore of the weights
-    groups = _by_suffix(learn)
-    swapped = [a for hs in groups.values() for h in hs for a in h.averagers() if a.swapped]
+def save_with_ema(learn:Learner, file,
+    with_opt:bool=True, # Save the optimizer's state too, as fastai does
+    pickle_protocol:int=2, # As for fastai's `save_model`
+    **kwargs, # Other arguments of `torch.save`
+) -> Path:
+    "fastai's `Learner.save`, plus each holder's file, written as one checkpoint (`_commit`); never with an EMA swapped in"
+    if hasattr(learn, 'lr_finder'):   # lr_find's own save/restore of the weights
+        return Learner.save(learn, file, with_opt=with_opt, pickle_protocol=pickle_protocol, **kwargs)
+    path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
+    holders = _holders(learn, path)
+    swapped = [a for h in holders for a in h.averagers() if a.swapped]
     for a in swapped: a.unswap()
     try:
-        path = Learner.save(learn, file, **kwargs)
-        fingerprint = None
-        for suffix,hs in groups.items():
-            state = next((s for h in hs if (s := h.checkpoint_state()) is not None), None)   # every rank: FSDP2 gathers
-            if rank_distrib(): continue
-            f = holder_file(path, suffix)
-            if state is None: f.unlink(missing_ok=True); continue   # saved again without it: not stale, gone
-            if fingerprint is None: fingerprint = weights_fingerprint(get_model(learn.model).state_dict())
-            torch.save({**state, 'checkpoint': fingerprint}, f)
+        states = [h.checkpoint_state() for h in holders]   # on every rank: FSDP2 gathers
+        if not rank_distrib():   # rank 0 alone writes, as fastai's `save_model`
+            model,opt = get_model(learn.model).state_dict(),getattr(learn, 'opt', None)
+            ckpt = {'model': model, 'opt': opt.state_dict()} if with_opt and opt is not None else model   # fastai's file
+            fp = weights_fingerprint(model)
+            _commit(path, ckpt, {holder_file(path, h.checkpoint_suffix): None if s is None else {**s, 'checkpoint': fp}
+                                 for h,s in zip(holders, states)}, pickle_protocol=pickle_protocol, **kwargs)
     finally:
         for a in swapped: a.swap()
     return path
 
+# %% ../nbs/04_checkpoint.ipynb #afb40396
+def _read_holder(learn:Learner, h, path:Path, fingerprint:str|None, file) -> tuple:
+    "Holder `h`'s state in checkpoint `path`, checked, and why there is none; an error naming the way on if it cannot be read"
+    f = _current_file(path, holder_file(path, h.checkpoint_suffix))
+    if not f.exists(): return None,f'{f.name} not found'
+    try:
+        state = h.read_checkpoint(f)
+        h.check_checkpoint(state, unwrap_model(learn.model), f.name)
+    except ValueError as e:
+        raise ValueError(f'{e}\nTo load {path.name} without it, {type(h).__name__} starting anew from the loaded weights: '
+                         f'learn.load({str(file)!r}, with_ema=False)') from None
+    if _stale(state, fingerprint): return None,f'{f.name} is stale: {path.name} was saved again since, without it'
+    return state,None
+
 # %% ../nbs/04_checkpoint.ipynb #26c203a1
 @delegates(Learner.load)
 def load_with_ema(learn:Learner, file, device=None,
-    ema:bool=False, # Load the EMA weights as the model (for inference) instead of the training weights
+    ema:bool|str=False, # Load the EMA weights as the model, for inference (`load_ema_weights`); a string: that holder's suffix
+    with_ema:bool=True, # Load each holder's state; `False`: the model and optimizer alone, and every holder starts anew
     **kwargs):
     "fastai's `Learner.load`, plus each holder's state; reads and checks every file before changing anything"
     if hasattr(learn, 'lr_finder'): return Learner.load(learn, file, device=device, **kwargs)
     distrib_barrier()   # under DDP, rank 0 may still be writing the files another rank is about to read
-    if ema: return load_ema_weights(learn, file)
+    if ema: return load_ema_weights(learn, file, *([] if ema is True else [ema]))
     # everything is read and checked first: on any error, the Learner is as it was
     path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
-    model_state = _model_state(path)
+    holders,model_state = _holders(learn, path),_model_state(path)
     check_state(get_model(learn.model), model_state, f'checkpoint {path.name}', strict=kwargs.get('strict', True))
-    states,why,groups,fingerprint = {},{},_by_suffix(learn),weights_fingerprint(model_state)
-    for suffix,hs in groups.items():
-        f = holder_file(path, suffix)
-        state,why[suffix] = (hs[0].read_checkpoint(f) if f.exists() else None),f'{f.name} not found'
-        if state is not None: hs[0].check_checkpoint(state, unwrap_model(learn.model), f.name)
-        if state is not None and _stale(state, fingerprint):
-            state,why[suffix] = None,f'{f.name} is stale: {path.name} was saved again since, without it'
-        states[suffix] = state
+    fingerprint = weights_fingerprint(model_state)
+    read = [(h, *(_read_holder(learn, h, path, fingerprint, file) if with_ema else (None, None))) for h in holders]
     Learner.load(learn, file, device=device, **kwargs)   # everything checked: from here on, nothing fails
-    for suffix,hs in groups.items():
-        if states[suffix] is None: warnings.warn(f'{path.name} has no EMA state for {type(hs[0]).__name__} ({why[suffix]}): it starts from the loaded weights')
-        for h in hs: h.load_checkpoint_state(states[suffix])
+    if holders and not with_ema:
+        warnings.warn(f'{path.name} loaded without its EMA files (with_ema=False): '
+                      f'{", ".join(type(h).__name__ for h in holders)} start anew from the loaded weights')
+    for h,state,why in read:
+        if why: warnings.warn(f'{path.name} has no EMA state for {type(h).__name__} ({why}): it starts from the loaded weights')
+        h.load_checkpoint_state(state)
     return learn
 
 # %% ../nbs/04_checkpoint.ipynb #b4d33cbf

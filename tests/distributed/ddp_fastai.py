@@ -153,8 +153,8 @@ def main(out, res):
         rec['written'] = cpu_state(writer.model_ema.state_dict())
         save = torch.save
         def slow_save(obj, f, *args, **kwargs):
-            if str(f).endswith('.ema.pth'):
-                torch.distributed.barrier()   # tells rank 1 that race.pth is written, then takes its time
+            if '.ema.pth' in str(getattr(f, 'name', f)):   # the EMA file (a save writes a temporary file, open)
+                torch.distributed.barrier()   # tells rank 1 to go on and load, then takes its time
                 time.sleep(3)
             return save(obj, f, *args, **kwargs)
         if RANK == 0:
@@ -163,7 +163,7 @@ def main(out, res):
             finally: torch.save = save
         else:
             writer.save('race')              # writes nothing on rank 1
-            torch.distributed.barrier()      # rank 0 has written race.pth, and not race.ema.pth
+            torch.distributed.barrier()      # rank 0 is writing the checkpoint, and has not finished
         reader = learner(mlp(seed=1), out/'path0', cbs=EMACallback())
         with warnings.catch_warnings(): warnings.simplefilter('ignore'); reader.load('race')
         m = getattr(reader, 'model_ema', None)
