@@ -23,6 +23,7 @@ from fastai.text.all import (TextBlock, CategoryBlock, DataBlock, ColReader, Ran
                              awd_lstm_lm_config, awd_lstm_clas_config, language_model_learner, text_classifier_learner)
 from fastai.tabular.all import TabularDataLoaders, tabular_learner, Categorify, Normalize, RegressionBlock
 from fastxtend_ema.callback import EMACallback, recompute_bn
+from fastxtend_ema.posthoc import PostHocEMA
 from fastxtend_ema.test_utils import synth_learner, fit_quiet
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning', 'ignore::FutureWarning', 'ignore::DeprecationWarning')
@@ -93,12 +94,12 @@ def tiny_arch(pretrained=False):
     return nn.Sequential(ConvLayer(3, 8, stride=2), ConvLayer(8, 16, stride=2), ConvLayer(16, 16, stride=2),
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, 2))
 
-def unet(path):
+def unet(path, cbs=None):
     fns = write_images(path, masks=True)
     dls = SegmentationDataLoaders.from_label_func(path, fns, lambda f: path/f'{f.stem.split("_")[1]}_mask.png',
                                                   codes=['a', 'b'], valid_pct=0.25, seed=0, bs=4, num_workers=0,
                                                   device='cpu')
-    return unet_learner(dls, tiny_arch, pretrained=False, n_out=2, cbs=EMACallback(decay=0.5))
+    return unet_learner(dls, tiny_arch, pretrained=False, n_out=2, cbs=cbs or EMACallback(decay=0.5))
 
 def test_unet_ema_reads_its_own_skip_connections(tmp_path):
     "The U-Net's EMA runs its own copies of the hooks that feed its skip connections, on any batch size"
@@ -149,6 +150,20 @@ class Logger:
     def __init__(self): self.lock,self.means = threading.Lock(),[]
     def record(self, m, i, o):
         with self.lock: self.means.append(o.mean().item())
+
+def test_unet_posthoc_sweep_recompute_bn(tmp_path):
+    "The post-hoc EMA's rebuilt U-Nets get their BatchNorm statistics recomputed on training batches, then validated"
+    learn = unet(tmp_path, PostHocEMA(sigma_rels=(0.05, 0.1), snapshot_every=1))
+    quiet(learn, 'fit', 1)
+    with learn.no_bar(), learn.no_logging(): rows = learn.post_hoc_ema.sweep([0.05, 0.1], recompute_bn=True, ax=False)
+    assert [r['sigma_rel'] for r in rows] == [0.05, 0.1] and all(np.isfinite(r['valid_loss']) for r in rows)
+    m = learn.post_hoc_ema.synthesize(0.1)
+    xb = learn.dls.one_batch()[:1]
+    keep = {k:v.detach().clone() for k,v in learn.model.state_dict().items()}
+    try:
+        learn.model.load_state_dict(m.state_dict())
+        for b in two_sizes(xb): torch.testing.assert_close(run(m, b), run(learn.model, b), rtol=1e-5, atol=1e-5)
+    finally: learn.model.load_state_dict(keep)
 
 def test_resnet_user_hook_validate_get_preds(tmp_path):
     "torchvision's ResNet through `vision_learner`; a user's hook on the model stays the user's: not copied, not called"
