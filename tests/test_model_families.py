@@ -76,6 +76,7 @@ def diverged(learn) -> bool:
 # ----------------------------------------------------------------------------- vision: images written with PIL
 
 def write_images(path, n=12, size=32, masks=False):
+    "`n` random RGB images (labels `a`/`b` in their names) written as PNGs, with a two-class mask each if `masks`"
     rng = np.random.default_rng(0)
     fns = []
     for i in range(n):
@@ -85,6 +86,7 @@ def write_images(path, n=12, size=32, masks=False):
     return fns
 
 def image_dls(path):
+    "An image classification `DataLoaders` on 16x16 images"
     fns = write_images(path, n=8, size=16)   # one training batch of 4 (fastai drops the last, partial one)
     return ImageDataLoaders.from_name_func(path, fns, lambda name: name[0], valid_pct=0.25, seed=0, bs=4,
                                           num_workers=0, device='cpu')
@@ -95,6 +97,7 @@ def tiny_arch(pretrained=False):
                          nn.AdaptiveAvgPool2d(1), Flatten(), nn.Linear(16, 2))
 
 def unet(path, cbs=None):
+    "`unet_learner` on 32x32 images and masks, with an `EMACallback` unless other `cbs` are given"
     fns = write_images(path, masks=True)
     dls = SegmentationDataLoaders.from_label_func(path, fns, lambda f: path/f'{f.stem.split("_")[1]}_mask.png',
                                                   codes=['a', 'b'], valid_pct=0.25, seed=0, bs=4, num_workers=0,
@@ -134,7 +137,7 @@ def test_unet_recompute_bn(tmp_path):
     quiet(learn, 'fit', 1)
     batches = [learn.dls.train.one_batch() for _ in range(2)]   # the same inputs for both
     model, ema = learn.model, learn.model_ema
-    keep = {k:v.detach().clone() for k,v in model.state_dict().items()}
+    keep, was = {k:v.detach().clone() for k,v in model.state_dict().items()}, model.training
     try:
         model.load_state_dict(ema.state_dict())
         recompute_bn(model, batches); recompute_bn(ema, batches)
@@ -143,13 +146,7 @@ def test_unet_recompute_bn(tmp_path):
         for k in want: torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-5, msg=k)
         xb = batches[0][:1]
         torch.testing.assert_close(run(ema, xb), run(model, xb), rtol=1e-5, atol=1e-5)
-    finally: model.load_state_dict(keep)
-
-class Logger:
-    "A user's activation logger: a bound-method hook whose owner the model does not reach (and holds a lock)"
-    def __init__(self): self.lock,self.means = threading.Lock(),[]
-    def record(self, m, i, o):
-        with self.lock: self.means.append(o.mean().item())
+    finally: model.load_state_dict(keep); model.train(was)
 
 def test_unet_posthoc_sweep_recompute_bn(tmp_path):
     "The post-hoc EMA's rebuilt U-Nets get their BatchNorm statistics recomputed on training batches, then validated"
@@ -159,11 +156,17 @@ def test_unet_posthoc_sweep_recompute_bn(tmp_path):
     assert [r['sigma_rel'] for r in rows] == [0.05, 0.1] and all(np.isfinite(r['valid_loss']) for r in rows)
     m = learn.post_hoc_ema.synthesize(0.1)
     xb = learn.dls.one_batch()[:1]
-    keep = {k:v.detach().clone() for k,v in learn.model.state_dict().items()}
+    keep, was = {k:v.detach().clone() for k,v in learn.model.state_dict().items()}, learn.model.training
     try:
         learn.model.load_state_dict(m.state_dict())
         for b in two_sizes(xb): torch.testing.assert_close(run(m, b), run(learn.model, b), rtol=1e-5, atol=1e-5)
-    finally: learn.model.load_state_dict(keep)
+    finally: learn.model.load_state_dict(keep); learn.model.train(was)
+
+class Logger:
+    "A user's activation logger: a bound-method hook whose owner the model does not reach (and holds a lock)"
+    def __init__(self): self.lock,self.means = threading.Lock(),[]
+    def record(self, m, i, o):
+        with self.lock: self.means.append(o.mean().item())
 
 def test_resnet_user_hook_validate_get_preds(tmp_path):
     "torchvision's ResNet through `vision_learner`; a user's hook on the model stays the user's: not copied, not called"
