@@ -11,7 +11,7 @@ import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
 from .update import (EMAPairs, select_tensors, named_tensors, make_ema_module, ema_dtype_for, pair_kind,
-                                  copy_tensors_, check_state, keep_hook, _HOOK_DICTS, _HOOK_FLAGS)
+                                  copy_tensors_, check_state, _copy_memo, _remove_hooks, _DROPPED)
 
 # %% auto #0
 __all__ = ['EMA_FORMAT', 'EMA_STATE_KEYS', 'ema_state', 'check_ema_state', 'Averager', 'ModelEMA', 'is_sharded', 'reshard_',
@@ -240,14 +240,6 @@ def _orig_class(m:nn.Module) -> type:
 # %% ../nbs/01_averager.ipynb #b9c86e57
 def _fsdp_attr(k:str) -> bool: return k.startswith('__composable_api_state_key') or k in ('_is_fsdp_managed_module', '_fsdp_use_orig_params')
 
-# %% ../nbs/01_averager.ipynb #76ed351e
-def _kept_hooks(k:str, v:dict, kept:dict, memo:dict) -> dict:
-    "A copy of hook dict (or flag dict) `v`, with only the hooks `keep_hook` keeps"
-    if k in _HOOK_DICTS:
-        kept[k] = {i for i,h in v.items() if keep_hook(h)}
-        return type(v)((i, copy.deepcopy(h, memo)) for i,h in v.items() if i in kept[k])
-    return type(v)((i, f) for i,f in v.items() if i in kept.get(k[:k.index('_hooks_')+6], ()))
-
 # %% ../nbs/01_averager.ipynb #b884d556
 def plain_module(
     model:nn.Module, # A `fully_shard`ed model (or a plain one)
@@ -257,7 +249,7 @@ def plain_module(
     reshard_(model)
     names = {}
     for n,t in named_tensors(model).items(): names.setdefault(id(t), n)
-    memo = {}
+    memo = _copy_memo(model, skip=_fsdp_attr)   # non-leaf tensors detached, hooks the model does not own dropped
     def _tensor(t, param):
         if id(t) not in memo:
             n = names[id(t)]
@@ -268,21 +260,21 @@ def plain_module(
             v = v.detach().clone()
             memo[id(t)] = nn.Parameter(v, requires_grad=False) if param else v
         return memo[id(t)]
+    pairs = []
     def _module(m):
         if id(m) in memo: return memo[id(m)]
         cls = _orig_class(m)
         new = memo[id(m)] = cls.__new__(cls)
-        kept = {}
-        for k,v in sorted(m.__dict__.items(), key=lambda kv: '_hooks_' in kv[0]):   # hook dicts before their flags
-            if _fsdp_attr(k): continue
-            if k=='_modules': v = type(v)((n, None if c is None else _module(c)) for n,c in v.items())
-            elif k=='_parameters': v = type(v)((n, None if p is None else _tensor(p, True)) for n,p in v.items())
-            elif k=='_buffers': v = type(v)((n, None if b is None else _tensor(b, False)) for n,b in v.items())
-            elif k in _HOOK_DICTS or k in _HOOK_FLAGS: v = _kept_hooks(k, v, kept, memo)
-            else: v = copy.deepcopy(v, memo)
-            new.__dict__[k] = v
+        pairs.append((m, new))
+        new.__dict__.update(_modules=type(m._modules)((n, None if c is None else _module(c)) for n,c in m._modules.items()),
+                            _parameters=type(m._parameters)((n, None if p is None else _tensor(p, True)) for n,p in m._parameters.items()),
+                            _buffers=type(m._buffers)((n, None if b is None else _tensor(b, False)) for n,b in m._buffers.items()))
         return new
-    return _module(model).eval()
+    root = _module(model)
+    for m,new in pairs:   # every module has its copy now; the rest in the model's order, hook dicts through the memo
+        d = {k:new.__dict__[k] if k in new.__dict__ else copy.deepcopy(v, memo) for k,v in m.__dict__.items() if not _fsdp_attr(k)}
+        new.__dict__.clear(); new.__dict__.update(d)
+    return _remove_hooks(root, lambda h: h is _DROPPED).eval()
 
 # %% ../nbs/01_averager.ipynb #4bd3a231
 def _state_names(model:nn.Module) -> dict[str,str]:

@@ -6,14 +6,15 @@ Docs: https://fastxtend-ema.github.io/fastxtend_ema/update.html.md"""
 
 # %% ../nbs/00_update.ipynb #880c0d25
 from __future__ import annotations
-import copy, types, warnings
+import copy, functools, gc, types, warnings, weakref
 import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'keep_hook', 'strip_hooks', 'copy_module', 'named_tensors',
-           'make_ema_module', 'pair_kind', 'copy_tensors_', 'MixedLerp', 'RemoteLerp', 'EMAPairs', 'check_state']
+__all__ = ['select_tensors', 'unwrap_model', 'ema_dtype_for', 'hook_owner', 'keep_hook', 'strip_hooks', 'copy_module',
+           'named_tensors', 'make_ema_module', 'pair_kind', 'copy_tensors_', 'MixedLerp', 'RemoteLerp', 'EMAPairs',
+           'check_state']
 
 # %% ../nbs/00_update.ipynb #ce103f5d
 def _persistent_buffer_names(model:nn.Module) -> set[str]:
@@ -63,56 +64,96 @@ def ema_dtype_for(
 # Every dict of hooks a module holds, and the dicts of per-hook flags (`_forward_hooks_with_kwargs`, ...)
 _HOOK_DICTS = tuple(k for k,v in vars(nn.Module()).items() if k.endswith('_hooks') and isinstance(v, dict))
 _HOOK_FLAGS = tuple(k for k,v in vars(nn.Module()).items() if '_hooks_' in k and isinstance(v, dict))
+_WrappedHook = getattr(torch.nn.modules.module, '_WrappedHook', ())   # what `with_module=True` registrations hold
 
 def _weight_hooks() -> tuple[type, ...]:
-    "Hook types that compute a module's weights from its parameters (`weight_norm`, `spectral_norm`): a copy needs them"
+    "Hook types that compute a module's weights from its parameters (`weight_norm`, `spectral_norm`, `prune`)"
     from torch.nn.utils.weight_norm import WeightNorm
     from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook
-    return WeightNorm, SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook
+    from torch.nn.utils.prune import BasePruningMethod
+    return WeightNorm, SpectralNorm, SpectralNormStateDictHook, SpectralNormLoadStateDictPreHook, BasePruningMethod
+
+# %% ../nbs/00_update.ipynb #15a331f8
+_STOP = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.FrameType,
+         types.GeneratorType, weakref.ref)   # `deepcopy` shares these (or cannot copy them): nothing to own behind them
+
+def _reach(
+    model:nn.Module, # The module tree
+    skip=None, # `skip(name)`: module attributes not to follow (FSDP's state)
+) -> tuple[set[int], dict]: # Ids of the objects reached; non-leaf tensor id -> its detached copy
+    "Everything `model` reaches through its modules' attributes, hooks aside, and detached copies of its non-leaf tensors"
+    seen,detached,todo = set(),{},[model]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or isinstance(o, _STOP): continue
+        seen.add(id(o))
+        if isinstance(o, Tensor):
+            if not o.is_leaf: detached[id(o)] = o.detach().clone()
+        elif isinstance(o, nn.Module):
+            todo += [v for k,v in o.__dict__.items() if k not in _HOOK_DICTS and k not in _HOOK_FLAGS and not (skip and skip(k))]
+        else: todo += gc.get_referents(o)
+    return seen,detached
+
+# %% ../nbs/00_update.ipynb #05184a76
+def hook_owner(hook):
+    "The object `hook` is bound to: a bound method's `self` (through `partial`s and torch's wrappers), else `hook` itself"
+    while True:
+        if isinstance(hook, _WrappedHook): hook = hook.hook
+        elif isinstance(hook, functools.partial): hook = hook.func
+        elif isinstance(hook, types.MethodType): return hook.__self__
+        else: return hook
 
 # %% ../nbs/00_update.ipynb #c19ed9dd
-def keep_hook(hook) -> bool:
-    "Whether a copy of a model keeps `hook`: only hooks that compute weights from parameters"
-    return isinstance(getattr(hook, 'hook', hook), _weight_hooks())   # `_WrappedHook` holds the hook it calls
+def keep_hook(
+    hook, # A hook of one of a model's modules
+    owned=(), # Ids of the objects the model reaches (hooks aside)
+) -> bool:
+    "Whether a copy of a model keeps `hook`: it computes weights from parameters, or its owner belongs to the model"
+    return isinstance(getattr(hook, 'hook', hook), _weight_hooks()) or id(hook_owner(hook)) in owned
 
 # %% ../nbs/00_update.ipynb #b37e1c21
-def strip_hooks(
-    module:nn.Module, # A module, typically a copy of the training model
-) -> nn.Module:
-    "Remove every hook of `module` and its children, except those `keep_hook` keeps"
+def _remove_hooks(module:nn.Module, drop) -> nn.Module:
+    "Remove the hooks `h` of `module` and its children for which `drop(h)`, and their flags"
     for m in module.modules():
         for d in _HOOK_DICTS:
             hooks = m.__dict__.get(d)
             if hooks:
-                for k in [k for k,h in hooks.items() if not keep_hook(h)]: del hooks[k]
+                for k in [k for k,h in hooks.items() if drop(h)]: del hooks[k]
         for f in _HOOK_FLAGS:
             flags,hooks = m.__dict__.get(f),m.__dict__.get(f[:f.index('_hooks_')+6], {})
             if flags:
                 for k in [k for k in flags if k not in hooks]: del flags[k]
     return module
 
+def strip_hooks(
+    module:nn.Module, # A module, typically a copy of the training model
+) -> nn.Module:
+    "Remove every hook of `module` and its children that `keep_hook` does not keep"
+    owned,_ = _reach(module)
+    return _remove_hooks(module, lambda h: not keep_hook(h, owned))
+
 # %% ../nbs/00_update.ipynb #13653c6f
-def _non_leaf_memo(model:nn.Module) -> dict:
-    "A `deepcopy` memo holding detached copies of the non-leaf tensors `model`'s modules keep as attributes"
-    memo = {}
-    def visit(v):
-        if isinstance(v, Tensor):
-            if not v.is_leaf and id(v) not in memo: memo[id(v)] = v.detach().clone()
-        elif isinstance(v, (list, tuple)):
-            for o in v: visit(o)
-        elif isinstance(v, dict):
-            for o in v.values(): visit(o)
+_DROPPED = object()   # what a copy holds, until `_remove_hooks` takes it out, where the model has a hook it does not keep
+
+def _copy_memo(
+    model:nn.Module, # The module tree about to be copied
+    skip=None, # `skip(name)`: module attributes the copy leaves out
+) -> dict:
+    "A `deepcopy` memo for `model`: detached copies of its non-leaf tensors, and `_DROPPED` for each hook it does not keep"
+    owned,memo = _reach(model, skip)
     for m in model.modules():
-        for k,v in m.__dict__.items():
-            if k != '_modules': visit(v)
+        for d in _HOOK_DICTS:
+            for h in m.__dict__.get(d, {}).values():
+                if not keep_hook(h, owned): memo[id(h)] = _DROPPED   # so nothing the hook holds is copied either
     return memo
 
 # %% ../nbs/00_update.ipynb #abe72e13
 def copy_module(
     model:nn.Module, # The module to copy
 ) -> nn.Module:
-    "A copy of `model` with no gradients, in eval mode, without the training model's hooks"
-    return strip_hooks(copy.deepcopy(model, _non_leaf_memo(model))).requires_grad_(False).eval()
+    "A copy of `model` with no gradients, in eval mode, with the hooks that belong to it and no others"
+    copied = copy.deepcopy(model, _copy_memo(model))
+    return _remove_hooks(copied, lambda h: h is _DROPPED).requires_grad_(False).eval()
 
 # %% ../nbs/00_update.ipynb #706ad859
 def named_tensors(model:nn.Module) -> dict[str,Tensor]:

@@ -261,6 +261,13 @@ def test_fsdp2_bf16_model_fp32_ema(fsdp):
         assert {t.dtype for n,t in res['bf16_local'].items() if n != '3.bias'} == {torch.float32}
         assert_equal(res['bf16_local'], {k:_shard(v, rank) for k,v in res['bf16_ref'].items()})
 
+def test_fsdp2_plain_module_keeps_the_hooks_the_model_owns(fsdp):
+    "A skip connection fed by a hook the model owns: the plain module calls its own copy of the hook, and no FSDP hook"
+    for res in fsdp:
+        assert res['skip_hooks'] == [('', 0, 0), ('body', 0, 1), ('head', 0, 0)]
+        assert isinstance(res['skip_out'], torch.Tensor), res['skip_out']
+        torch.testing.assert_close(res['skip_out'], res['skip_ref'], atol=1e-6, rtol=0)
+
 @pytest.fixture(scope='module')
 def fsdp_fastai(tmp_path_factory, fsdp):
     out = tmp_path_factory.mktemp('fsdp2_fastai')

@@ -20,6 +20,20 @@ def shard(m):
     fully_shard(m[0]); fully_shard(m)
     return m
 
+class Stash:
+    "Stores the last output of `m`, as fastai's `Hook` does"
+    def __init__(self, m): self.stored,self.handle = None,m.register_forward_hook(self.hook_fn)
+    def hook_fn(self, m, i, o): self.stored = o
+
+class Skip(nn.Module):
+    "A U-Net's skip connection in miniature: the head adds what a hook the model owns stored during the body's forward"
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body,self.head = nn.Linear(5, 5),nn.Linear(5, 5)
+        self.stash = Stash(self.body)
+    def forward(self, x): return self.head(self.body(x)) + self.stash.stored
+
 def local_state(ema:ShardedModelEMA): return {n:t.detach().clone() for n,t in ema.ema.items()}
 
 def main(out, res):
@@ -85,6 +99,19 @@ def main(out, res):
                 if t.is_floating_point(): local_tensor(t).add_(0.25*(step+1))
             e_p.update(0.7); e_s.update(0.7)
     res['bf16_local'], res['bf16_ref'] = local_state(e_s), cpu_state(e_p.module.state_dict())
+
+    # a model that owns a hook: the plain module runs its own copy of it (on another batch size than the training one,
+    # after a forward with gradients left a non-leaf tensor in it); FSDP's hooks stay behind
+    sk = Skip(); fully_shard(sk.body); fully_shard(sk)
+    sk(xs[0][mine]).sum().backward()
+    m = ShardedModelEMA(sk).module
+    res['skip_hooks'] = [(n, len(c._forward_pre_hooks), len(c._forward_hooks)) for n,c in m.named_modules()]
+    ref = Skip(seed=1); ref.load_state_dict(m.state_dict())
+    x = torch.randn(3, 5, generator=g)
+    with torch.no_grad():
+        try: res['skip_out'] = m(x)
+        except RuntimeError as e: res['skip_out'] = repr(e)
+        res['skip_ref'] = ref(x)
     dist.destroy_process_group()
 
 run_rank(main)
