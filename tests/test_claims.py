@@ -17,7 +17,7 @@ from fastcore.test import test_close as check_close, test_eq as check_eq
 from fastxtend_ema import EMACallback, EMASchedule, PostHocEMA, load_ema_weights
 from fastxtend_ema.averager import ModelEMA
 from fastxtend_ema.callback import EMAHorizonWarning
-from fastxtend_ema.test_utils import (synth_dls, synth_model, synth_learner, fit_quiet, Snapshots, reference_ema,
+from fastxtend_ema.test_utils import (synth_dls, synth_model, fit_quiet, Snapshots, reference_ema,
                                       assert_ema_close, assert_same_state, allocated_bytes, valid_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,10 +318,13 @@ def test_readme_validation_swaps_and_restores_bit_for_bit(tmp_path):
 
 def test_readme_learner_without_ema_saves_as_fastai(tmp_path):
     """README, fastai stays fastai: "a Learner without an EMA callback saves and loads exactly as fastai does": the
-    package leaves `Learner` unchanged, and such a Learner writes fastai's file only."""
-    import fastai.learner, fastxtend_ema.checkpoint, fastxtend_ema.callback, fastxtend_ema.posthoc   # noqa: F401
+    package leaves `Learner` unchanged (its modules loaded), such a Learner has fastai's own `save` and `load`, and writes
+    fastai's file only."""
+    import importlib
+    for m in ('checkpoint', 'callback', 'posthoc'): importlib.import_module(f'fastxtend_ema.{m}')
     check_eq(Learner.save.__module__, 'fastai.learner'); check_eq(Learner.load.__module__, 'fastai.learner')
     learn = fit_quiet(learner(path=tmp_path), 1)
+    assert 'save' not in learn.__dict__ and 'load' not in learn.__dict__   # an EMA callback attaches its own, per Learner
     learn.save('plain')
     check_eq(sorted(p.name for p in (tmp_path/'models').iterdir()), ['plain.pth'])
     other = learner(path=tmp_path, model=synth_model(seed=1))
