@@ -175,7 +175,7 @@ class ModelEMA(Averager):
         super().__init__()
         self.model = model
         self.avg_names,self.copy_names = select_tensors(model, all_parameters, all_buffers)
-        if module is None: module = make_ema_module(model, self.avg_names, ema_device, ema_dtype)
+        if module is None: module = make_ema_module(model, ema_device=ema_device, ema_dtype=ema_dtype)
         else: check_state(model, module.state_dict(), 'EMA module')
         self.module,self.foreach,self.compile = module,foreach,compile
         self._pair()
@@ -184,7 +184,7 @@ class ModelEMA(Averager):
         "Pair the model's tensors with the EMA's, by the names averaged and copied"
         mt,et = named_tensors(self.model),named_tensors(self.module)
         self.avg = EMAPairs([mt[n] for n in self.avg_names], [et[n] for n in self.avg_names], self.foreach, self.compile)
-        self.copied = EMAPairs([mt[n] for n in self.copy_names], [et[n] for n in self.copy_names], self.foreach)
+        self.copied = EMAPairs([mt[n] for n in self.copy_names], [et[n] for n in self.copy_names], self.foreach, copy_only=True)
 
     def tensors(self) -> dict[str,Tensor]:
         "The EMA's tensors by the plain model's state-dict names (the copied ones synced first)"
@@ -299,7 +299,7 @@ class ShardedModelEMA(Averager):
         super().__init__()
         self.model,self.foreach,self.compile = reshard_(model),foreach,compile
         self.avg_names,self.copy_names = select_tensors(model, all_parameters, all_buffers)
-        avg,mt = set(self.avg_names),named_tensors(model)
+        mt = named_tensors(model)
         # how to gather a full tensor from the shards, and to cut this rank's shard out of a full tensor
         self._layout = {n:(t.device_mesh, t.placements, t.shape, t.stride()) for n,t in mt.items() if _is_dtensor(t)}
         self._sd_names = _state_names(model)
@@ -308,7 +308,7 @@ class ShardedModelEMA(Averager):
             for n,t in mt.items():
                 loc = local_tensor(t)
                 dev = loc.device if ema_device is None else torch.device(ema_device)
-                self.ema[n] = loc.detach().to(dev, ema_dtype_for(loc, ema_dtype) if n in avg else loc.dtype, copy=True)
+                self.ema[n] = loc.detach().to(dev, ema_dtype_for(loc, ema_dtype), copy=True)   # copied ones too (`make_ema_module`)
         self._module = None
         self.refresh()
         if module is not None:
@@ -322,7 +322,8 @@ def refresh(self:ShardedModelEMA):
     if self.swapped: raise RuntimeError('the EMA is swapped into the model: call unswap() first')
     mt = {n:local_tensor(t) for n,t in named_tensors(reshard_(self.model)).items()}
     self.avg = EMAPairs([mt[n] for n in self.avg_names], [self.ema[n] for n in self.avg_names], self.foreach, self.compile)
-    self.copied = EMAPairs([mt[n] for n in self.copy_names], [self.ema[n] for n in self.copy_names], self.foreach)
+    self.copied = EMAPairs([mt[n] for n in self.copy_names], [self.ema[n] for n in self.copy_names], self.foreach,
+                           copy_only=True)
 
 # %% ../nbs/01_averager.ipynb #dc4898bf
 @patch

@@ -170,7 +170,7 @@ class PostHocEMA(EMABase):
     _suffix,model_attr = 'posthoc',None   # its EMAs are read through it, not a Learner attribute
     def __init__(self,
         sigma_rels=(0.05, 0.10), # Relative widths of the tracked power-function EMAs
-        snapshot_every:int|None=None, # Optimizer steps between snapshots; `None`: 32 snapshots over the first fit
+        snapshot_every:int|None=None, # Optimizer steps between snapshots; `None`: `max(1, n//32)`, `n` the first fit's batches
         snapshot_dtype:torch.dtype=torch.float32, # dtype of the snapshots' floating tensors on disk
         update_every:int=1, # Update the tracked EMAs on every `update_every`-th optimizer step (`dt` in `beta`)
         validate_on:float|None=None, # Validate on the tracked EMA of this `sigma_rel`; `None`: the training weights

@@ -163,16 +163,15 @@ def named_tensors(model:nn.Module) -> dict[str,Tensor]:
 # %% ../nbs/00_update.ipynb #9bf5cd92
 def make_ema_module(
     model:nn.Module, # The model to shadow
-    avg_names:list[str], # Names of the averaged tensors (from `select_tensors`)
     ema_device:torch.device|str|None=None, # Where EMA tensors live; `None` keeps each on its model tensor's device
-    ema_dtype:torch.dtype|None=None, # EMA dtype of averaged floating tensors (see `ema_dtype_for`)
+    ema_dtype:torch.dtype|None=None, # EMA dtype of floating tensors, averaged or copied (see `ema_dtype_for`)
 ) -> nn.Module:
-    "A detached copy of `model` whose averaged tensors are in their EMA dtype and on `ema_device`"
-    ema,avg = copy_module(model),set(avg_names)
+    "A detached copy of `model` with every floating tensor in its EMA dtype, on `ema_device`"
+    ema = copy_module(model)
     with torch.no_grad():
         for n,t in named_tensors(ema).items():
             dev = t.device if ema_device is None else torch.device(ema_device)
-            dt = ema_dtype_for(t, ema_dtype) if n in avg else t.dtype
+            dt = ema_dtype_for(t, ema_dtype)   # averaged or copied: a module of one dtype runs
             if t.device!=dev or t.dtype!=dt: t.data = t.data.to(dev, dt)
     return ema
 
@@ -369,6 +368,7 @@ class EMAPairs:
         ema_tensors:list[Tensor], # Their EMA, same order and shapes
         foreach:bool|None=None, # Fused multi-tensor kernels; `None`: use them where available
         compile:bool=False, # Compile the step of a low-precision model's fp32 EMA (`MixedLerp`)
+        copy_only:bool=False, # Pairs only ever copied (`copy_`), never averaged: no staging buffers, and `lerp_` refuses
     ):
         if len(model_tensors)!=len(ema_tensors): raise ValueError('model_tensors and ema_tensors differ in length')
         for m,e in zip(model_tensors, ema_tensors):
@@ -381,8 +381,9 @@ class EMAPairs:
         for m,e in zip(self.model, self.ema):
             ema,model = self.groups.setdefault(pair_kind(e, m), ([],[]))
             ema.append(e); model.append(m)
-        self.mixed = MixedLerp(*self.groups['mixed'], compile=compile) if 'mixed' in self.groups else None
-        self.remote = RemoteLerp(*self.groups['remote'], compile=compile) if 'remote' in self.groups else None
+        self.copy_only,self.mixed,self.remote = copy_only,None,None
+        if not copy_only and 'mixed' in self.groups: self.mixed = MixedLerp(*self.groups['mixed'], compile=compile)
+        if not copy_only and 'remote' in self.groups: self.remote = RemoteLerp(*self.groups['remote'], compile=compile)
 
     def __len__(self): return len(self.model)
 
@@ -390,6 +391,7 @@ class EMAPairs:
         weight:float, # Weight of the model: `1-decay`
     ):
         "One EMA update: `ema = (1-weight)*ema + weight*model` for every pair"
+        if self.copy_only: raise RuntimeError('EMAPairs(copy_only=True) holds pairs that are copied, never averaged')
         prev = torch.is_grad_enabled()   # switched directly: the `torch.no_grad()` context costs 2 µs, most of a tiny step
         torch._C._set_grad_enabled(False)
         try:
