@@ -16,6 +16,7 @@ from .update import unwrap_model, select_tensors, named_tensors, make_ema_module
 from .averager import Averager, ModelEMA, EMA_FORMAT, check_ema_state, is_sharded
 from .decay import as_fraction
 from .checkpoint import read_file
+from fastai.learner import _maybe_item
 from .callback import EMACallback, _Plan, _Loaded
 
 # %% auto #0
@@ -222,11 +223,26 @@ def averagers(self:BEMACallback) -> list:
     return [] if self.averager is None else [self.averager, self.bema_weights]
 
 @patch
-def _score_ema(self:BEMACallback, *args, **kwargs):
-    "`EMACallback._score_ema` on the BEMA weights"
-    a,self.averager = self.averager,self.bema_weights
-    try: return EMACallback._score_ema(self, *args, **kwargs)
-    finally: self.averager = a
+@torch.no_grad()
+def _score_ema(self:BEMACallback, ds_idx=1, dl=None):
+    "Loss and metrics of the BEMA weights on the validation set, into the `ema_` columns (`EMACallback._score_ema`'s loop)"
+    learn,a = self.learn,self.bema_weights
+    dl = learn.dls[ds_idx] if dl is None else dl
+    saved = {k:learn.__dict__.get(k) for k in ('xb','yb','pred','loss','dl','training')}
+    swap = a.started
+    if swap: a.swap()
+    try:
+        learn.model.eval(); learn.training = False
+        for m in self._ema_mets: m.reset()
+        for b in dl:
+            learn._split(learn._set_device(b))
+            learn.pred = learn.model(*learn.xb)
+            learn.loss = learn.loss_func(learn.pred, *learn.yb)
+            for m in self._ema_mets: m.accumulate(learn)
+        for col,m in zip(self._ema_cols, self._ema_mets): col.val = _maybe_item(m)
+    finally:
+        if swap: a.unswap()
+        learn.__dict__.update(saved)
 
 # %% ../nbs/09_bema.ipynb #d76b8010
 @patch
