@@ -297,3 +297,26 @@ def test_variants_differ_and_the_table_maps_them(default_fit, name, params, args
     if args is None: return
     learn2, cb, rec2 = run(4, start=1, **args)
     close(learn2.model_ema, variant(rec2, name, **params))
+
+
+# ----------------------------------------------------------------------------- the rest of EMACallback's contract
+
+def test_replace_weights_writes_the_bema_weights():
+    learn, cb, rec = run(2, replace_weights=True)
+    _, bema = definition(rec)
+    close(learn.model, bema)
+    close(learn.model_ema, bema)
+
+def test_validate_and_get_preds_after_fit_leave_bema_alone():
+    "`learn.validate()` runs before_fit/after_fit: it scores the training weights and changes no BEMA state"
+    learn, cb, rec = run(2)
+    before = {k: v.clone() for k, v in learn.model_ema.state_dict().items()}
+    state = (cb.steps, cb.updates, cb._t, [z.clone() for z in cb._theta0])
+    loss = learn.validate()[0]
+    assert abs(loss - valid_loss(learn.model, learn.dls)) < 1e-5*max(1, loss)
+    assert all(torch.equal(before[k], v) for k, v in learn.model_ema.state_dict().items())
+    assert (cb.steps, cb.updates, cb._t) == state[:3] and all(torch.equal(a, b) for a, b in zip(cb._theta0, state[3]))
+
+def test_start_after_the_end_leaves_model_ema_alone():
+    learn, cb, rec = run(1, start=2)
+    assert not cb.started and getattr(learn, 'model_ema', None) is None
