@@ -15,13 +15,14 @@ from fastcore.meta import delegates
 from .update import unwrap_model, select_tensors, named_tensors, make_ema_module, check_state
 from .averager import Averager, ModelEMA, EMA_FORMAT, check_ema_state, is_sharded
 from .decay import as_fraction
-from .checkpoint import read_file
+from .checkpoint import read_file, holder_file, _model_state, _stale, weights_fingerprint
+from fastcore.xtras import join_path_file
 from fastai.learner import _maybe_item
 from .callback import EMACallback, _Plan, _Loaded
 
 # %% auto #0
 __all__ = ['BEMA_FORMAT', 'BEMA_STATE_KEYS', 'bema_beta', 'bema_alpha', 'bema_state', 'check_bema_state', 'read_bema_file',
-           'BEMAWeights', 'BEMACallback']
+           'BEMAWeights', 'BEMACallback', 'load_bema_weights']
 
 # %% ../nbs/09_bema.ipynb #107fa174
 def bema_beta(
@@ -56,16 +57,17 @@ def _check_real(v, name:str, lo:float=0., hi:float=math.inf) -> float:
 
 # %% ../nbs/09_bema.ipynb #68fde2ae
 BEMA_FORMAT = 1   # the format `bema_state` writes
-BEMA_STATE_KEYS = frozenset({'format', 'ema', 'theta0', 't', 'checkpoint'})
+BEMA_STATE_KEYS = frozenset({'format', 'ema', 'theta0', 't', 'alpha', 'checkpoint'})
 
 def bema_state(
     ema:dict, # The EMA's state (`Averager.state`)
     theta0:dict[str,Tensor]|None, # `theta_0` by tensor name; `None` before the start
     t:int, # Optimizer steps since the start at the latest update (0: none yet)
+    alpha:float, # Weight of the correction at `t`
     checkpoint:str|None=None, # Fingerprint of the training weights saved beside it, if any
 ) -> dict:
     "A BEMA state, as checkpoints hold it"
-    return dict(format=BEMA_FORMAT, ema=ema, theta0=theta0, t=int(t), checkpoint=checkpoint)
+    return dict(format=BEMA_FORMAT, ema=ema, theta0=theta0, t=int(t), alpha=float(alpha), checkpoint=checkpoint)
 
 # %% ../nbs/09_bema.ipynb #33be5ddf
 def check_bema_state(
@@ -83,10 +85,11 @@ def check_bema_state(
     ema = check_ema_state(state['ema'], f'{where} (its EMA)')
     th,t = state['theta0'],state['t']
     ok = (isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= ema['steps']
+          and isinstance(state['alpha'], float) and math.isfinite(state['alpha']) and state['alpha'] >= 0
           and (state['checkpoint'] is None or isinstance(state['checkpoint'], str))
           and (th is None if not ema['started'] else isinstance(th, dict)
                and all(isinstance(k, str) and isinstance(v, Tensor) for k,v in th.items())))
-    if not ok: raise ValueError(f'{where} is damaged: its theta0, t or checkpoint have the wrong types or values')
+    if not ok: raise ValueError(f'{where} is damaged: its theta0, t, alpha or checkpoint have the wrong types or values')
     return {**state, 'ema': ema}
 
 # %% ../nbs/09_bema.ipynb #57b42f18
@@ -306,7 +309,7 @@ def checkpoint_state(self:BEMACallback) -> dict|None:
     "The BEMA state `learn.save` writes: the EMA, `theta_0` and `t`; `None` before the first fit"
     if self.averager is None: return None
     theta0,t = self._theta0_state()
-    return bema_state(self.averager.state(), theta0, t)
+    return bema_state(self.averager.state(), theta0, t, self.alpha)
 
 @patch
 def check_checkpoint(self:BEMACallback, state:dict, model:nn.Module, where:str):
@@ -334,3 +337,33 @@ def load_checkpoint_state(self:BEMACallback,
     self._pending = (state['theta0'], state['t']) if self._loaded is not None else None
     m = self.learn.__dict__.get('model_ema')
     if a.started and (m is a.module or m is self._made): self.learn.model_ema = self._made = self._bema_module()
+
+# %% ../nbs/09_bema.ipynb #70a8e856
+def _plain_names(state:dict) -> dict:
+    "A saved model state by the plain model's names (without `torch.compile`'s `_orig_mod.` or DDP's `module.`)"
+    out = {}
+    for k,v in state.items():
+        while k.startswith(('_orig_mod.', 'module.')): k = k.split('.', 1)[1]
+        out[k] = v
+    return out
+
+# %% ../nbs/09_bema.ipynb #83c47ee5
+def load_bema_weights(
+    learn, # Any Learner whose model has the architecture that saved the checkpoint
+    file:str, # Checkpoint name, as for `learn.load`: `name.pth` and `name.bema.pth` are read
+):
+    "Load the BEMA weights of checkpoint `file` into `learn.model`, for inference; everything is checked first"
+    path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
+    bf = holder_file(path, BEMACallback.checkpoint_suffix)
+    if not bf.exists(): raise FileNotFoundError(f'{bf} not found: checkpoint {file!r} has no BEMA state')
+    state,saved = read_bema_file(bf),_model_state(path)
+    if _stale(state, weights_fingerprint(saved)): raise ValueError(f'{bf.name} is stale: {path.name} was saved again since, without it')
+    if state['theta0'] is None: raise ValueError(f'{bf.name}: the BEMA had not started when it was saved, so it holds no BEMA weights')
+    model,ema,theta = unwrap_model(learn.model),state['ema']['tensors'],_plain_names(saved)
+    check_state(model, ema, f'BEMA checkpoint {bf.name}')
+    check_state(model, theta, f'checkpoint {path.name}')
+    params,th0,alpha = dict(model.named_parameters()),state['theta0'],state['alpha']
+    w = {k: (ema[k] + alpha*(theta[k].to(ema[k].dtype) - th0[k]) if k in th0 and k in params else
+             theta[k] if k in th0 else ema[k]) for k in ema}
+    model.load_state_dict(w)
+    return learn

@@ -231,7 +231,7 @@ def test_checkpoint_holds_theta0_and_counters(tmp_path):
     learn.path = tmp_path
     learn.save('x')
     s = torch.load(tmp_path/'models'/'x.bema.pth', weights_only=True)
-    assert s['format'] == 1 and s['t'] == 6 and s['ema']['steps'] == 8 and s['ema']['updates'] == 2
+    assert s['format'] == 1 and s['t'] == 6 and s['ema']['steps'] == 8 and s['ema']['updates'] == 2 and s['alpha'] == (10 + 6)**-0.2
     theta0 = {n: v for n, v in rec.init.items() if n in rec.params | rec.buffers}
     assert set(s['theta0']) == set(theta0) and all(torch.equal(s['theta0'][n].double(), theta0[n]) for n in theta0)
     assert not (tmp_path/'models'/'x.ema.pth').exists()
@@ -320,3 +320,13 @@ def test_validate_and_get_preds_after_fit_leave_bema_alone():
 def test_start_after_the_end_leaves_model_ema_alone():
     learn, cb, rec = run(1, start=2)
     assert not cb.started and getattr(learn, 'model_ema', None) is None
+
+def test_load_bema_weights_forms_the_saved_bema_for_inference(tmp_path):
+    "Saved mid-fit (update_every=3: the saved weights are 2 steps past the latest update), loaded with no callback"
+    from fastxtend_ema.bema import load_bema_weights
+    cb, rec = BEMACallback(update_every=3), Rec()
+    fit(make_learner([cb, rec, SaveAt(1, 'mid')], path=tmp_path), 3)
+    _, bema = definition(rec, every=3, upto=rec.epoch_ends[1])
+    infer = make_learner([], path=tmp_path)
+    load_bema_weights(infer, 'mid')
+    close(infer.model, bema)
