@@ -330,3 +330,13 @@ def test_load_bema_weights_forms_the_saved_bema_for_inference(tmp_path):
     infer = make_learner([], path=tmp_path)
     load_bema_weights(infer, 'mid')
     close(infer.model, bema)
+
+def test_no_horizon_warning():
+    "EMACallback's horizon warning is about the lag the correction removes: BEMA never emits it, even with a huge lag"
+    from fastxtend_ema import EMAHorizonWarning
+    cb = BEMACallback(lag=1e6)
+    learn = make_learner([cb])
+    with learn.no_bar(), learn.no_logging(), warnings.catch_warnings():
+        warnings.simplefilter('error', EMAHorizonWarning)
+        learn.fit(1)
+    assert cb.steps == N_ITER
