@@ -12,12 +12,12 @@ import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
 from fastcore.meta import delegates
-from .update import unwrap_model, select_tensors, named_tensors, make_ema_module, check_state
-from .averager import Averager, ModelEMA, EMA_FORMAT, check_ema_state, is_sharded
-from .decay import as_fraction
-from .checkpoint import read_file, holder_file, _model_state, _stale, weights_fingerprint
 from fastcore.xtras import join_path_file
 from fastai.learner import _maybe_item
+from .update import unwrap_model, select_tensors, named_tensors, make_ema_module, check_state
+from .averager import check_ema_state, is_sharded
+from .decay import as_fraction
+from .checkpoint import read_file, holder_file, weights_fingerprint, _model_state, _stale
 from .callback import EMACallback, _Plan, _Loaded
 
 # %% auto #0
