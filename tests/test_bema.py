@@ -340,3 +340,12 @@ def test_no_horizon_warning():
         warnings.simplefilter('error', EMAHorizonWarning)
         learn.fit(1)
     assert cb.steps == N_ITER
+
+def test_resume_from_a_model_ema_it_did_not_make_starts_anew():
+    "A `learn.model_ema` set by hand holds no theta_0: BEMA says so and starts from the model's weights"
+    cb, rec = BEMACallback(resume=True), Rec()
+    learn = make_learner([cb, rec])
+    learn.model_ema = make_model()
+    with learn.no_bar(), learn.no_logging(), pytest.warns(UserWarning, match='starts anew'): learn.fit(2)
+    _, bema = definition(rec)
+    close(learn.model_ema, bema)
