@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from fastai.basics import Learner, Callback, DataLoaders, MSELossFlat, SGD
 from fastai.data.load import DataLoader
 
-from fastxtend_ema import EMACallback, EMASchedule, SchedCos, SchedLin, SchedExp, SchedPoly, PowerDecay, ThresholdDecay, ExpDecay
+from fastxtend_ema import EMACallback, EMASchedule, BEMACallback, SchedCos, SchedLin, SchedExp, SchedPoly, PowerDecay, ThresholdDecay, ExpDecay
 from fastai.callback.schedule import SchedNo
 
 INF, NAN = float('inf'), float('nan')
@@ -154,7 +154,7 @@ def check_exc(exc:BaseException, names, what:str):
     if not ok: raise AssertionError(f'{what}: got {type(exc).__name__}: {str(exc)[:300]!r}; '
                                     f'expected a TypeError or ValueError naming {" or ".join(names)}') from exc
 
-_WATCHED = (Learner, EMACallback, EMASchedule)
+_WATCHED = (Learner, EMACallback, EMASchedule, BEMACallback)
 
 def construct(cls, kwargs:dict):
     "`(callback, None)` if `cls(**kwargs)` is accepted, else `(None, exception)`, checking a refusal leaves nothing behind"
@@ -231,7 +231,7 @@ def check_value(cls, names, kwargs:dict, fit=False, n_epoch=1):
         if nonfinite: raise AssertionError(f'{call} accepted, then fit left a non-finite EMA in {nonfinite}')
     return cb
 
-BOTH = pytest.mark.parametrize('cls', [EMACallback, EMASchedule])
+BOTH = pytest.mark.parametrize('cls', [EMACallback, EMASchedule, BEMACallback])   # the arguments every EMA callback takes
 
 
 # ----------------------------------------------------------------------------- decay (EMACallback only)
@@ -480,6 +480,31 @@ def test_schedule_returning_non_callable_refused_at_construction(v):
     check_exc(exc, 'schedule', f'EMASchedule(schedule={v!r}) refused')
 
 
+# ----------------------------------------------------------------------------- BEMACallback's own arguments
+
+BEMA_REALS = ['ema_power', 'bias_power', 'lag', 'multiplier', 'min_ema_multiplier']
+
+@CHEAP
+@given(v=ANY)
+@pytest.mark.parametrize('name', BEMA_REALS)
+def test_bema_construct(name, v): check_value(BEMACallback, name, {name: v})
+
+@FITS
+@given(v=st.one_of(NUMBERS, st.floats(0, 2)))
+@example(v=1e300)   # lag or multiplier: the decay rounds to 1 at the fit's last step
+@pytest.mark.parametrize('name', BEMA_REALS)
+def test_bema_fit(name, v): check_value(BEMACallback, name, {name: v}, fit=True, n_epoch=2)
+
+@pytest.mark.parametrize('lag,multiplier', [(0, 0.5), (0.2, 0.3), (0, 0)])
+def test_bema_clock_must_start_at_one(lag, multiplier):
+    "`lag + multiplier < 1` would make beta_t > 1 at t = 1: refused, naming both"
+    cb,exc = construct(BEMACallback, dict(lag=lag, multiplier=multiplier))
+    assert exc is not None and _names_arg(str(exc), 'lag') and _names_arg(str(exc), 'multiplier'), exc
+
+def test_bema_refuses_decay_and_half_life():
+    for k in ('decay', 'half_life'): check_value(BEMACallback, k, {k: 0.5})
+
+
 # ----------------------------------------------------------------------------- every defect the properties found, one test each
 
 E, S = EMACallback, EMASchedule
@@ -565,6 +590,7 @@ def test_every_argument_is_covered():
     src = open(__file__).read()
     tested = set(re.findall(r"check_value\(\w+, \(?'(\w+)'", src)) | set(FLAGS)
     tested |= set(re.findall(r"parametrize\('name', \[(.*?)\]", src)[0].replace("'", '').replace(' ', '').split(','))
-    for cls in (EMACallback, EMASchedule):
+    tested |= set(BEMA_REALS)
+    for cls in (EMACallback, EMASchedule, BEMACallback):
         missing = set(inspect.signature(cls).parameters) - tested - {'kwargs'}
         assert not missing, (cls.__name__, missing)

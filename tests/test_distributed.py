@@ -70,6 +70,19 @@ def single():
     with learn.no_bar(), learn.no_logging(): learn.fit(2)
     return learn
 
+@pytest.fixture(scope='module')
+def single_bema():
+    "`single` with BEMACallback"
+    from fastai.basics import Learner, DataLoaders, DataLoader, MSELossFlat, SGD
+    from fastxtend_ema import BEMACallback
+    x, y = common.xy(); ds = list(zip(x, y))
+    order = [j for i in range(3) for r in range(2) for j in range(48*r+16*i, 48*r+16*i+16)]
+    dls = DataLoaders(DataLoader([ds[j] for j in order], bs=32, shuffle=False), DataLoader(ds[96:], bs=32), device='cpu')
+    learn = Learner(dls, common.mlp(seed=0), loss_func=MSELossFlat(), opt_func=SGD, lr=0.05,
+                    cbs=BEMACallback(validate_ema='both'), path=tempfile.mkdtemp(prefix='fxema_'))
+    with learn.no_bar(), learn.no_logging(): learn.fit(2)
+    return learn
+
 def valid_loss(state:dict) -> float:
     m = common.mlp(); m.load_state_dict(state)
     x, y = common.xy()
@@ -297,3 +310,19 @@ def test_posthoc_ema_under_ddp(ddp):
 def test_posthoc_ema_refuses_fsdp2(fsdp_fastai):
     for res in fsdp_fastai[1]:
         assert res['posthoc_refused'] and 'does not support a fully_shard (FSDP2) model' in res['posthoc_refused']
+
+def test_bema_under_ddp_equals_single_process_on_every_rank_and_is_checkpointed(ddp, single_bema):
+    "BEMA on 2 DDP processes: theta_0 is rank 0's weights (taken after the wrap), the BEMA and its EMA equal one process's"
+    _, (r0, r1) = ddp
+    ref = {k:v.detach() for k,v in single_bema.model_ema.state_dict().items()}
+    assert_close(r0['bema']['ema'], ref)
+    assert_close(r0['bema']['plain'], {k:v.detach() for k,v in single_bema.bema.ema_module.state_dict().items()})
+    assert_equal(r0['bema']['ema'], r1['bema']['ema'])   # bit for bit
+    assert_equal(r0['bema']['plain'], r1['bema']['plain'])
+    ref_vals = [list(map(float, v)) for v in single_bema.recorder.values]
+    for res in (r0, r1):
+        assert res['bema']['names'] == ['epoch', 'train_loss', 'valid_loss', 'ema_valid_loss', 'time']
+        torch.testing.assert_close(torch.tensor(res['bema']['values'][-1][1:]), torch.tensor(ref_vals[-1][1:]), atol=1e-4, rtol=0)
+        torch.testing.assert_close(res['bema']['values'][-1][2], valid_loss(res['bema']['ema']), atol=1e-4, rtol=0)
+        assert_equal(res['bema']['loaded'], r0['bema']['ema'])   # rank 0's file, loaded on every rank
+        assert res['bema']['files'] == ['bema.bema.pth', 'bema.pth']

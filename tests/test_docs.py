@@ -3,11 +3,11 @@ import inspect, json, re
 from pathlib import Path
 import pytest
 import fastxtend_ema
-from fastxtend_ema import EMACallback, EMASchedule
+from fastxtend_ema import EMACallback, EMASchedule, BEMACallback
 from fastxtend_ema.decay import PowerDecay, ThresholdDecay, ExpDecay
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC = {'EMACallback': EMACallback, 'EMASchedule': EMASchedule, 'PowerDecay': PowerDecay,
+PUBLIC = {'EMACallback': EMACallback, 'EMASchedule': EMASchedule, 'BEMACallback': BEMACallback, 'PowerDecay': PowerDecay,
           'ThresholdDecay': ThresholdDecay, 'ExpDecay': ExpDecay}
 
 def _texts():
@@ -49,6 +49,10 @@ def test_documented_keywords_exist():
 def test_schedule_signature_shows_delegated_arguments():
     params = inspect.signature(EMASchedule).parameters
     for kw in ('start_decay', 'final_decay', 'finish', 'schedule', 'validate_ema', 'update_every', 'ema_dtype'):
+        assert kw in params
+    assert 'decay' not in params and 'half_life' not in params
+    params = inspect.signature(BEMACallback).parameters
+    for kw in ('ema_power', 'bias_power', 'lag', 'multiplier', 'start', 'update_every', 'min_ema_multiplier', 'ema_device', 'validate_ema', 'skip_ema'):
         assert kw in params
     assert 'decay' not in params and 'half_life' not in params
 

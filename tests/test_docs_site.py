@@ -68,7 +68,7 @@ def test_quarto_yml_references_only_files_that_exist():
 
 # -- the pages ------------------------------------------------------------------------------------------------------
 # What a reader must find on each page, beyond "every stored figure and table": (figures, tables) at least
-NEEDS = {'index.ipynb': (0, 1), '07_demo.ipynb': (1, 0), '08_posthoc.ipynb': (1, 0), '05_callback.ipynb': (1, 1),
+NEEDS = {'index.ipynb': (0, 1), '07_demo.ipynb': (1, 0), '08_posthoc.ipynb': (1, 0), '05_callback.ipynb': (1, 1), '09_bema.ipynb': (0, 1),
          'tutorials/ema_tutorial.ipynb': (3, 1), 'tutorials/posthoc.ipynb': (1, 1)}
 
 def _stored(nb):

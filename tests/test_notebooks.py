@@ -16,7 +16,7 @@ FORCE = [f for f in os.environ.get('FASTXTEND_EMA_TEST_FLAGS', '').split() if f 
 def test_found_notebooks():
     names = {str(p.relative_to(NBS)) for p in NOTEBOOKS}
     assert {'index.ipynb', '00_update.ipynb', '01_averager.ipynb', '02_decay.ipynb', '05_callback.ipynb', '08_posthoc.ipynb',
-            '97_test_utils.ipynb', 'tutorials/ema_tutorial.ipynb', 'tutorials/posthoc.ipynb'} <= names, names
+            '09_bema.ipynb', '97_test_utils.ipynb', 'tutorials/ema_tutorial.ipynb', 'tutorials/posthoc.ipynb'} <= names, names
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[str(p.relative_to(NBS)) for p in NOTEBOOKS])
 def test_notebook(nb):

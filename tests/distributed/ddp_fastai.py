@@ -10,7 +10,7 @@ import torch
 from fastai.basics import *
 from fastai.distributed import DistributedDL
 from fastai.callback.tracker import SaveModelCallback
-from fastxtend_ema import EMACallback, PostHocEMA
+from fastxtend_ema import EMACallback, PostHocEMA, BEMACallback
 from fastxtend_ema.update import unwrap_model
 from fastxtend_ema.distributed import broadcast_buffers_
 from fastxtend_ema.test_utils import count_collectives
@@ -133,6 +133,20 @@ def main(out, res):
     rec['loaded_ema'] = cpu_state(fresh.model_ema.state_dict())
     broadcast_buffers_(learn.model_ema)
     rec['ema_broadcast'] = cpu_state(learn.model_ema.state_dict())
+
+    # BEMA: the callback on the Learner (theta_0 taken at the start, after the wrap), validated raw and BEMA; saved by
+    # rank 0, loaded on every rank
+    rec = res['bema'] = {}
+    learn = learner(mlp(seed=RANK), out/'bema0', cbs=BEMACallback(validate_ema='both'))
+    ddp_fit(learn, 2)
+    finish(learn, rec)
+    rec['plain'] = cpu_state(learn.bema.ema_module.state_dict())
+    learn.save('bema')   # by rank 0 only
+    torch.distributed.barrier()
+    rec['files'] = sorted(p.name for p in (out/'bema0'/'models').glob('*'))
+    fresh = learner(mlp(seed=60+RANK), out/'bema0', cbs=BEMACallback())
+    fresh.load('bema')
+    rec['loaded'] = cpu_state(fresh.model_ema.state_dict())
 
     # PostHocEMA: every rank tracks the same EMAs; rank 0 alone writes the snapshots
     rec = res['posthoc'] = {}
