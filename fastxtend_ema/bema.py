@@ -132,7 +132,7 @@ class BEMAWeights:
 class BEMACallback(EMACallback):
     "Bias-corrected EMA (BEMA): an EMA whose weight on new weights falls as a power of the step, plus a fading correction"
     _constant_decay = None
-    checkpoint_suffix = 'bema'
+    _suffix = 'bema'
     read_checkpoint = staticmethod(read_bema_file)
     def __init__(self,
         ema_power:float=0.5, # `kappa`: exponent of the EMA's weight `beta_t`; 0 makes the EMA the current weights
@@ -152,7 +152,7 @@ class BEMACallback(EMACallback):
             raise ValueError(f'lag + multiplier must be >= 1 (so that beta_t <= 1 from t = 1), got lag={lag}, multiplier={multiplier}')
         self.min_ema_multiplier = _check_real(min_ema_multiplier, 'min_ema_multiplier', hi=1.)
         self._init(start=start, update_every=update_every, **kwargs)
-        self._theta0,self._t,self._pending,self._made = None,0,None,None
+        self._theta0,self._t,self._theta0_pending,self._made = None,0,None,None
         self.bema_weights = BEMAWeights(self)
 
 # %% ../nbs/09_bema.ipynb #593f480e
@@ -169,11 +169,10 @@ def decay_at(self:BEMACallback,
     return 1. - beta
 
 @patch
-def update_decay(self:BEMACallback, step:int, pct:float) -> float:
+def update_decay(self:BEMACallback, step:int, pct:float, plan=None) -> float:
     "Decay the update at step `step` applies: `1 - beta_t`, without `update_every`'s rescaling; `alpha` is read at this `t`"
-    self._t = step
-    self._fit.decay = d = self.decay_at(step, pct)
-    return d
+    if plan is None: self._t = step   # an update of this fit (a plan is only looked at)
+    return self.decay_at(step, pct)
 
 @patch
 def plan(self:BEMACallback, n_epoch:int, n_iter:int) -> _Plan:
@@ -226,26 +225,16 @@ def averagers(self:BEMACallback) -> list:
     return [] if self.averager is None else [self.averager, self.bema_weights]
 
 @patch
-@torch.no_grad()
-def _score_ema(self:BEMACallback, ds_idx=1, dl=None):
-    "Loss and metrics of the BEMA weights on the validation set, into the `ema_` columns (`EMACallback._score_ema`'s loop)"
-    learn,a = self.learn,self.bema_weights
-    dl = learn.dls[ds_idx] if dl is None else dl
-    saved = {k:learn.__dict__.get(k) for k in ('xb','yb','pred','loss','dl','training')}
-    swap = a.started
-    if swap: a.swap()
-    try:
-        learn.model.eval(); learn.training = False
-        for m in self._ema_mets: m.reset()
-        for b in dl:
-            learn._split(learn._set_device(b))
-            learn.pred = learn.model(*learn.xb)
-            learn.loss = learn.loss_func(learn.pred, *learn.yb)
-            for m in self._ema_mets: m.accumulate(learn)
-        for col,m in zip(self._ema_cols, self._ema_mets): col.val = _maybe_item(m)
-    finally:
-        if swap: a.unswap()
-        learn.__dict__.update(saved)
+def _scored(self:BEMACallback):
+    "What the EMA columns (`validate_ema='both'`) score: the BEMA weights"
+    return self.bema_weights if self.started else None
+
+@patch
+def _joined(self:BEMACallback, names:list):
+    "Parameters that started training (`learn.unfreeze()`): their `theta_0` is their value now, as their EMA's is"
+    if self._theta0 is None: return
+    a = self.averager
+    self._theta0 += [a.avg.ema[a.avg_names.index(n)].detach().clone() for n in names]
 
 # %% ../nbs/09_bema.ipynb #d76b8010
 @patch
@@ -253,16 +242,16 @@ def before_fit(self:BEMACallback):
     "Build the EMA for this fit; continue from a loaded state, or with `resume`, from the previous fit"
     learn = self.learn
     if is_sharded(unwrap_model(learn.model)): raise TypeError('BEMACallback does not support fully_shard (FSDP2) models yet: use EMACallback')
-    if self.resume and self._loaded is None and learn.__dict__.get('model_ema') is not None:
-        if learn.model_ema is self._made and self.started: self._loaded,self._pending = _Loaded(self.averager.state()),self._theta0_state()
+    if self.resume and self._loaded is None and learn.__dict__.get(self.model_attr) is not None:
+        if learn.__dict__.get(self.model_attr) is self._made and self.started: self._loaded,self._theta0_pending = _Loaded(self.averager.state()),self._theta0_state()
         else:
             warnings.warn('BEMACallback(resume=True) continues only from its own previous fit (it needs that fit\'s theta_0): '
                           'learn.model_ema was not made by it, so BEMA starts anew')
             self._loaded = _Loaded(None)
-    pending = self._pending if self._loaded is not None else None
+    pending = self._theta0_pending if self._loaded is not None else None
     EMACallback.before_fit(self)
     if not self.run: return   # lr_find, get_preds, validate
-    self._theta0,self._t,self._pending = None,0,None
+    self._theta0,self._t,self._theta0_pending = None,0,None
     if pending is not None and self.averager.started: self._load_theta0(*pending)
 
 # %% ../nbs/09_bema.ipynb #ef70039c
@@ -287,7 +276,7 @@ def _bema_module(self:BEMACallback) -> nn.Module:
     "A module of the model's architecture holding the BEMA weights (the non-averaged tensors as the EMA's)"
     a = self.averager
     a.refresh(); a.sync()
-    m = make_ema_module(a.model, a.avg_names, self.ema_device, self.ema_dtype)
+    m = make_ema_module(a.model, ema_device=self.ema_device, ema_dtype=self.ema_dtype)
     m.load_state_dict(a.module.state_dict())
     mt = named_tensors(m)
     for n,b in zip(a.avg_names, self._bema_tensors()): mt[n].copy_(b)
@@ -300,7 +289,7 @@ def after_fit(self:BEMACallback):
     bema = self._bema_module() if a.started else None   # from the training weights, before anything may replace them
     EMACallback.after_fit(self)
     if bema is None: return
-    self.learn.model_ema = self._made = bema
+    setattr(self.learn, self.model_attr, bema); self._made = bema
     if self.replace_weights: a.model.load_state_dict(bema.state_dict())
 
 # %% ../nbs/09_bema.ipynb #fdd75002
@@ -331,12 +320,13 @@ def load_checkpoint_state(self:BEMACallback,
     a = self.averager
     if state is None:
         if a is not None and a.started: self._begin()
-        self._pending = None
+        self._theta0_pending = None
         return
     self._load_theta0(state['theta0'], state['t'])
-    self._pending = (state['theta0'], state['t']) if self._loaded is not None else None
-    m = self.learn.__dict__.get('model_ema')
-    if a.started and (m is a.module or m is self._made): self.learn.model_ema = self._made = self._bema_module()
+    self._theta0_pending = (state['theta0'], state['t']) if self._loaded is not None else None
+    m = self.learn.__dict__.get(self.model_attr)
+    if a.started and (m is a.module or m is self._made):
+        self._made = self._bema_module(); setattr(self.learn, self.model_attr, self._made)
 
 # %% ../nbs/09_bema.ipynb #70a8e856
 def _plain_names(state:dict) -> dict:
@@ -354,7 +344,7 @@ def load_bema_weights(
 ):
     "Load the BEMA weights of checkpoint `file` into `learn.model`, for inference; everything is checked first"
     path = join_path_file(file, learn.path/learn.model_dir, ext='.pth')
-    bf = holder_file(path, BEMACallback.checkpoint_suffix)
+    bf = holder_file(path, BEMACallback._suffix)
     if not bf.exists(): raise FileNotFoundError(f'{bf} not found: checkpoint {file!r} has no BEMA state')
     state,saved = read_bema_file(bf),_model_state(path)
     if _stale(state, weights_fingerprint(saved)): raise ValueError(f'{bf.name} is stale: {path.name} was saved again since, without it')

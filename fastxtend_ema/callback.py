@@ -342,6 +342,8 @@ class EMACallback(EMABase):
         self.ema_compile = ema_compile if ema_compile is None else _check_flag(ema_compile, 'ema_compile', ' (or None)')
         self.averager,self._fit,self._loaded,self._plan,self._ema_cols = None,_Fit(),None,None,[]
 
+    def _joined(self, names:list):
+        "Hook for subclasses: tensors `names` joined the averaged set"
     def _summary(self): return 'decay=<form>' if callable(self.decay) else f'decay={self.decay:g}'
     @property
     def claims_validation(self) -> bool: return self.validate_ema is True
@@ -361,7 +363,7 @@ class EMACallback(EMABase):
         "Newly trainable weights join the average; the EMA can start at an epoch boundary (also `fit(start_epoch=k)`)"
         a = self.averager
         self.__dict__['_pending'] = None   # training goes on after a load inside this fit
-        a.track_trainable()
+        if new := a.track_trainable(): self._joined(new)
         if not a.started and not self._fit.late and self.learn.epoch/self.learn.n_epoch + 1e-9 >= self._plan.start: self._begin()
 
     def after_cancel_step(self): self._fit.skipped = True
@@ -639,11 +641,15 @@ def _add_ema_columns(self:EMACallback):
 
 # %% ../nbs/05_callback.ipynb #a5056458
 @patch
+def _scored(self:EMACallback):
+    "What the EMA columns score: the EMA once it has started (before, the live weights: the EMA is the model then)"
+    return self.averager if self.averager.started else None
+
+@patch
 def _score_columns(self:EMACallback, ds_idx=1, dl=None):
     "`validate_ema='both'`: the EMA's loss and metrics, from a validation pass of fastai's own, into the EMA columns"
     if self.validate_ema != 'both' or not self._ema_cols: return
-    a = self.averager
-    vals = validate_weights(self.learn, a if a.started else None, ds_idx, dl, self._ema_mets, in_fit=True)
+    vals = validate_weights(self.learn, self._scored(), ds_idx, dl, self._ema_mets, in_fit=True)
     for col,v in zip(self._ema_cols, vals): col.val = v
 
 # %% ../nbs/05_callback.ipynb #0fade323

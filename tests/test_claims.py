@@ -115,13 +115,11 @@ def test_issue21_2_horizon_warning_without_accumulation():
     assert 0.99**75 > 0.4
     assert _horizon_warns(75, None)
 
-@pytest.mark.xfail(strict=True, reason='lead fixes in 05_callback')
 def test_issue21_2_horizon_warning_counts_optimizer_steps_under_accumulation():
     """05_callback.ipynb, issue 21 item 2: the horizon warning "must count the steps that will happen": 300 batches with
     4-batch `GradientAccumulation` are the same 75 optimizer steps at decay 0.99, and warn as well."""
     assert _horizon_warns(300, 4)
 
-@pytest.mark.xfail(strict=True, reason='lead fixes in 05_callback')
 def test_issue21_3_start_at_the_end_of_the_fit_does_not_start_the_ema(tmp_path):
     """05_callback.ipynb, the warning for `start` at or after the end of the fit: "the EMA does not start, and this fit
     does not set learn.model_ema". `EMACallback(start=2)` in a 2-epoch fit."""
@@ -129,7 +127,6 @@ def test_issue21_3_start_at_the_end_of_the_fit_does_not_start_the_ema(tmp_path):
     with pytest.warns(UserWarning, match='does not start'): fit_quiet(learn, 2)
     assert 'model_ema' not in learn.__dict__ and not learn.ema.started
 
-@pytest.mark.xfail(strict=True, reason='lead fixes in 05_callback')
 def test_issue21_3_fine_tune_with_an_epoch_start_starts_in_the_unfrozen_fit(tmp_path):
     """05_callback.ipynb, issue 21 item 3: `fine_tune(2, freeze_epochs=1)` with `EMACallback(start=1, resume=True)`
     makes 6 updates, starting at the unfrozen fit's epoch 1 (the frozen fit's `start=1` is at its end: no start)."""
