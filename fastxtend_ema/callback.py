@@ -352,6 +352,7 @@ class EMACallback(EMABase):
     def before_fit(self):
         "Build the EMA for this fit (nothing in `lr_find`, `get_preds` or `validate`)"
         if not is_training_fit(self.learn): return self._other_fit()
+        if self.learn.n_epoch == 0: self.run = False; return   # `fine_tune(freeze_epochs=0)`'s first fit: nothing to average
         check_holders(ema_holders(self.learn))   # arguments may have changed since the callbacks were added
         self._remove_ema_columns()   # left by a fit that ended in an exception
         if (left := self._open_fit()) is not None: self._loaded = left

@@ -294,3 +294,10 @@ def test_start_at_the_end_of_the_fit_does_not_start():
     fit_quiet(learn, 2)   # the unfrozen fit: starts at its epoch 1
     _eq(cb.updates, 6)
     assert_ema_close(learn.model_ema, reference_ema(snaps.steps[5], snaps.steps[6:], [0.9]*6))
+
+def test_a_fit_of_no_epochs():
+    "`fine_tune(n, freeze_epochs=0)` runs a fit of 0 epochs first: it leaves the EMA alone"
+    learn = fit_quiet(synth_learner(cbs=EMACallback(decay=0.9)), 1)
+    ema = learn.model_ema
+    fit_quiet(learn, 0)
+    assert learn.model_ema is ema and learn.ema.updates == 6
