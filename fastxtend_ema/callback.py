@@ -71,8 +71,8 @@ def _check_device(ema_device):
 # %% ../nbs/05_callback.ipynb #f17338ff
 class _Fit:
     "What an EMA callback keeps for the fit in progress"
-    __slots__ = ('skipped', 'ld', 'late', 'at', 'last_decay')
-    def __init__(self): self.skipped,self.ld,self.late,self.at,self.last_decay = False,None,False,None,None
+    __slots__ = ('skipped', 'ld', 'late', 'step', 'pct', 'last_decay')
+    def __init__(self): self.skipped,self.ld,self.late,self.step,self.pct,self.last_decay = False,None,False,0,0.,None
 
 # %% ../nbs/05_callback.ipynb #b351a1aa
 class _Plan:
@@ -382,9 +382,8 @@ class EMACallback(EMABase):
             if not (self.skip_ema and (skipped or not learn.yb)):   # an optimizer step happened in this batch
                 a.steps += 1
                 if a.steps % self.update_every == 0:
-                    pct = _pct(learn, learn.iter)
-                    decay = f.last_decay = self.update_decay(a.steps, pct)
-                    f.at = (a.steps, pct)
+                    f.step,f.pct = a.steps,_pct(learn, learn.iter)   # where the latest update was (`current_decay`)
+                    decay = f.last_decay = self.update_decay(f.step, f.pct)
                     a.update(decay)
         if f.ld is not None: f.ld.log(ema_decay=decay)
 
@@ -433,8 +432,8 @@ def updates(self:EMACallback) -> int:
 @patch(as_prop=True)
 def current_decay(self:EMACallback) -> float|None:
     "Per-step decay in force at the latest update (a schedule's value; `None` before an update)"
-    at = self._fit.at
-    return None if at is None else self.decay_at(*at)
+    f = self._fit
+    return None if f.last_decay is None else self.decay_at(f.step, f.pct)
 
 # %% ../nbs/05_callback.ipynb #a2c9ebd5
 @patch(as_prop=True)
