@@ -75,3 +75,19 @@ def test_rewrite_and_check_catch_bad_links(tmp_path):
     assert problems(page, '[a](nbs/05_callback.ipynb) [b](benchmarks/README.md#speed)') == []
     assert len(problems(page, '[a](notebooks/05_callback.ipynb) [b](benchmarks/README.md#no-such-heading) '
                               '[c](https://example.com/x) [d](../outside.md)')) == 4
+
+def _rows(md:str) -> list[str]:
+    return [l for l in md.splitlines() if l.startswith('|')]
+
+def test_benchmarks_page_quotes_the_kept_runs():
+    "The speed tables are rows of the runs in benchmarks/results/, and the comparison's step rows their ResNet-50 column"
+    page = (ROOT/'benchmarks'/'README.md').read_text(encoding='utf-8')
+    compare, speed = page.split('\n## Speed\n')
+    kept = {p.stem: p.read_text(encoding='utf-8') for p in (ROOT/'benchmarks'/'results').glob('*.md')}
+    missing = [r for r in _rows(speed) if not any(r in _rows(t) for t in kept.values())]
+    assert len(_rows(speed)) > 20 and not missing, missing
+    for dtype in ('fp32', 'bf16'):
+        row = next(r for r in _rows(compare) if r.startswith(f'| EMA step, {dtype} ResNet-50'))
+        resnet = {c.split('|')[2].strip() for c in _rows(kept[f'ema_step_cpu_{dtype}'])}   # the ResNet-50 column
+        quoted = re.findall(r'(\d+\.\d+)x', row)
+        assert quoted and all(any(f'({q}x)' in c for c in resnet) for q in quoted), (row, resnet)
