@@ -18,8 +18,7 @@ _LAZY = {**dict.fromkeys(['EMACallback', 'EMASchedule', 'EMAHorizonWarning', 'Sc
          **dict.fromkeys(['Averager', 'ModelEMA', 'ShardedModelEMA', 'make_averager'], 'averager'),
          **dict.fromkeys(['PowerDecay', 'ThresholdDecay', 'ExpDecay'], 'decay'),
          **dict.fromkeys(['LogDispatch', 'log_dispatch', 'patch_fastai_wandb'], 'loggers'),
-         'load_ema_weights': 'checkpoint', 'recompute_bn': 'callback', 'PostHocEMA': 'posthoc',
-         'BEMACallback': 'bema', 'load_bema_weights': 'bema'}
+         'load_ema_weights': 'checkpoint', 'recompute_bn': 'callback', 'PostHocEMA': 'posthoc'}
 __all__ = list(_LAZY)
 
 def __getattr__(name):

@@ -759,39 +759,41 @@ def decay_schedule(self:EMACallback,
 def plot_decay(self:EMACallback,
     n_epoch:int|None=None, # Epochs; default: the last fit's
     n_iter:int|None=None, # Training batches per epoch; default: the Learner's training set
-    ax=None, # Matplotlib axes to draw on
+    ax=None, # Matplotlib axes to draw on; default: a new figure whose layout keeps every label inside it
 ):
-    "Plot the per-step decay at each training batch of a fit; the top axis numbers the epochs at their ends (dotted lines)"
+    "Plot the per-step decay at each training batch of a fit; the top axis numbers the epochs as fastai's progress table does"
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     if n_epoch is None or n_iter is None:
         if self.learn is None: raise ValueError('pass n_epoch and n_iter, or add the callback to a Learner')
         n_epoch,n_iter = n_epoch or self.learn.n_epoch,n_iter or len(self.learn.dls.train)
     d = self.decay_schedule(n_epoch, n_iter)
-    if ax is None: _,ax = plt.subplots(figsize=(6, 3))
+    if ax is None: _,ax = plt.subplots(figsize=(6, 3), layout='constrained')
     ax.plot(range(1, len(d)+1), d)   # the decay applied after batch 1, 2, ...
     ax.set_xlim(0, len(d))
     top = ax.secondary_xaxis('top', functions=(lambda b: b/n_iter, lambda e: e*n_iter))
     if n_epoch <= 20:
-        for e in range(1, n_epoch): ax.axvline(e*n_iter, color='grey', ls=':', lw=0.8)
-        top.set_xticks(range(1, n_epoch+1))
-    else: top.xaxis.set_major_locator(MaxNLocator(integer=True))
-    top.tick_params(labelsize=7); top.set_xlabel('end of epoch', fontsize=8)
+        for e in range(1, n_epoch): ax.axvline(e*n_iter, color='grey', ls=':', lw=0.8)   # the epochs' ends
+    shown = [e for e in MaxNLocator(nbins=10, integer=True).tick_values(0, n_epoch-1) if 0 <= e < n_epoch]
+    top.set_xticks([e+0.5 for e in shown], [str(int(e)) for e in shown])   # epoch k spans batches k*n_iter to (k+1)*n_iter
+    top.tick_params(labelsize=7, length=0); top.set_xlabel('epoch', fontsize=8)
     ax.set_xlabel('training batch'); ax.set_ylabel('decay'); ax.set_title(f'{type(self).__name__} decay')
     return ax
 
 # %% ../nbs/05_callback.ipynb #2f9a0b54
 @patch
-def plot_valid(self:EMACallback, ax=None):
-    "Plot the training and EMA weights' validation loss after each epoch, numbered from 1 (a fit with `validate_ema='both'`)"
+def plot_valid(self:EMACallback,
+    ax=None, # Matplotlib axes to draw on; default: a new figure whose layout keeps every label inside it
+):
+    "Plot the training and EMA weights' validation loss of each epoch, numbered as fastai's progress table does (a fit with `validate_ema='both'`)"
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     rec = self.learn.recorder
     names = list(rec.metric_names)
     if 'ema_valid_loss' not in names: raise ValueError("plot_valid needs a fit with validate_ema='both'")
     vals = [[v[names.index(n)-1] for v in rec.values] for n in ('valid_loss', 'ema_valid_loss')]
-    if ax is None: _,ax = plt.subplots(figsize=(6, 3))
-    epochs = range(1, len(vals[0])+1)
+    if ax is None: _,ax = plt.subplots(figsize=(6, 3), layout='constrained')
+    epochs = range(len(vals[0]))
     ax.plot(epochs, vals[0], 'o-', label='training weights')
     ax.plot(epochs, vals[1], 's-', label='EMA weights')
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

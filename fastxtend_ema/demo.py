@@ -129,7 +129,7 @@ def plot_comparison(
     res:dict, # From `compare`
     out:str|Path='ema_demo.png', # PNG to write
 ) -> Path:
-    "Validation loss and accuracy after each epoch of both runs, and the decay schedule, in one PNG"
+    "Validation loss and accuracy after each epoch of both runs, and the decay schedule, in one PNG; epochs numbered from 0, as in fastai's progress table"
     from matplotlib.figure import Figure   # no pyplot state: works without a display
     hp,he = res['plain']['history'],res['ema']['history']
     same = all(hp[c] == he[c] for c in ('valid_loss', 'accuracy'))   # the training weights of both runs scored alike
@@ -139,7 +139,7 @@ def plot_comparison(
                  f"EMASchedule({a['start_decay']}, {a['final_decay']}, finish={a['finish']})")
     top,bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1])
     axs = top.subplots(1, 2)
-    epochs = list(range(1, len(hp['valid_loss'])+1))
+    epochs = list(range(len(hp['valid_loss'])))   # numbered as fastai's progress table numbers them
     for ax,col,label in ((axs[0], 'valid_loss', 'validation loss'), (axs[1], 'accuracy', 'validation accuracy')):
         if same: ax.plot(epochs, hp[col], 'o-', color='tab:blue', label='training weights, both runs (identical: drawn once)')
         else:

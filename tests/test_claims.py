@@ -205,7 +205,7 @@ def _averaged_counter(decay:float, n:int) -> list[int]:
     return out
 
 def test_issue21_7_averaged_model_integer_buffers():
-    """README / index.ipynb comparison table, torch `AveragedModel` column: "`use_buffers=True`: averaged in integers,
+    """benchmarks/README.md comparison table and its note, torch `AveragedModel` column: "`use_buffers=True`: averaged in integers,
     truncated: `num_batches_tracked` reads 1 for the first `1/(1-decay)` updates, then lags the model's count by about
     `1/(1-decay)`"; "reads 1, 1, 10, 40, 90, 990 after 1, 10, 20, 50, 100, 1,000 updates at decay 0.9, and 1 until
     update 1,000, then 2 at 1,001 and 4,001 at 5,000, at decay 0.999". The model's counter is `n` after `n` updates."""

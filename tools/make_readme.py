@@ -1,10 +1,12 @@
 """Write README.md from nbs/index.ipynb, offline (nbdev-readme needs Quarto, which cannot be installed here).
 
 Markdown cells are copied; code cells become ```python blocks; cells marked `#| hide` and nbdev directive lines are
-left out; saved text outputs (if any) follow their cell. `python tools/make_readme.py --check` exits 1 when README.md
+left out; saved text outputs (if any) follow their cell. Links are written in the notebook as the docs site needs them
+(relative to nbs/, or the repository's URL for a file outside nbs/) and become paths from the repository's root here,
+so that both the site and the README on GitHub resolve them. `python tools/make_readme.py --check` exits 1 when README.md
 is out of step with the notebook (the test suite runs this check).
 """
-import argparse, json, re, sys
+import argparse, json, posixpath, re, sys, tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,14 +28,28 @@ def _outputs(cell):
         if txt: out.append(''.join(txt).rstrip('\n'))
     return out
 
+_link = re.compile(r'(\]\()([^)\s]+)(\))')   # the target of a markdown link or image: ](target)
+
+def repo_url() -> str:
+    "The repository's URL, from pyproject.toml"
+    return tomllib.loads((Path(__file__).resolve().parents[1]/'pyproject.toml').read_text(encoding='utf-8'))['project']['urls']['Repository']
+
+def readme_link(target:str, repo:str) -> str:
+    "`target` of a link in nbs/index.ipynb, as README.md (at the repository's root) needs it"
+    for base in (f'{repo}/blob/main/', f'{repo}/tree/main/'):
+        if target.startswith(base): return target[len(base):]
+    if re.match(r'[A-Za-z][\w+.-]*:|[#/]', target): return target   # another site, an anchor of this page
+    path, hash, anchor = target.partition('#')
+    return posixpath.normpath(posixpath.join('nbs', path)) + hash + anchor
+
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     "README text for the notebook at `nb_path`"
     nb = json.loads(Path(nb_path).read_text(encoding='utf-8'))
-    parts = []
+    parts, repo = [], repo_url()
     for cell in nb['cells']:
         dirs, body = _split(_src(cell))
         if 'hide' in dirs or 'default_exp' in dirs or not body: continue
-        if cell['cell_type'] == 'markdown': parts.append(body)
+        if cell['cell_type'] == 'markdown': parts.append(_link.sub(lambda m: m[1] + readme_link(m[2], repo) + m[3], body))
         elif cell['cell_type'] == 'code':
             parts.append(f'```python\n{body}\n```')
             parts += [f'```\n{o}\n```' for o in _outputs(cell)]
