@@ -18,7 +18,8 @@ _LAZY = {**dict.fromkeys(['EMACallback', 'EMASchedule', 'EMAHorizonWarning', 'Sc
          **dict.fromkeys(['Averager', 'ModelEMA', 'ShardedModelEMA', 'make_averager'], 'averager'),
          **dict.fromkeys(['PowerDecay', 'ThresholdDecay', 'ExpDecay'], 'decay'),
          **dict.fromkeys(['LogDispatch', 'log_dispatch', 'patch_fastai_wandb'], 'loggers'),
-         'load_ema_weights': 'checkpoint', 'recompute_bn': 'callback', 'PostHocEMA': 'posthoc'}
+         'load_ema_weights': 'checkpoint', 'recompute_bn': 'callback', 'PostHocEMA': 'posthoc',
+         'validate_weights': 'callback', 'ema_holders': 'callback', 'BEMACallback': 'bema', 'load_bema_weights': 'bema'}
 __all__ = list(_LAZY)
 
 def __getattr__(name):
