@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'benchmarks'/'out'
 sys.path.insert(0, str(ROOT/'benchmarks'))
-sys.modules.setdefault('torchvision', None)   # may be installed but broken beside the installed torch
 import torch
 
 def run_pytest(args:list, env:dict|None=None, timeout:int=240) -> dict:
