@@ -6,7 +6,8 @@ Each test checks the EMA against a float64 EMA of the training weights kept by t
 step, then what a user sees: `learn.save`/`learn.load` into a fresh Learner gives the same EMA, `learn.model_ema(x)`
 gives what the model with the EMA weights loaded gives, and `learn.export`/`load_learner` predicts.
 """
-import warnings
+import math, warnings
+import pandas as pd
 import pytest
 import torch
 from fastai.vision.all import (Callback, ImageDataLoaders, SegmentationDataLoaders, Resize,
@@ -146,9 +147,9 @@ def test_posthoc_ema(folder, arch_name, tmp_path):
         assert_ema_close(a.module, ref.emas[s], eps=1e-5)
 
     # at the last snapshot a tracked width is rebuilt as itself; keep_best makes the better one `learn.model_ema`
-    rows = cb.sweep(sigma_rels, keep_best=True, ax=False)
-    best = min(range(len(rows)), key=lambda i: rows[i]['valid_loss'])
-    assert_ema_close(learn.model_ema, ref.emas[sigma_rels[best]], eps=1e-4)
+    rows = pd.DataFrame(cb.sweep(sigma_rels, keep_best=True, ax=False)).reset_index()   # a table or a list of rows
+    best = float(rows['sigma_rel'].to_numpy()[rows['valid_loss'].to_numpy().argmin()])
+    assert_ema_close(learn.model_ema, ref.emas[next(s for s in sigma_rels if math.isclose(s, best))], eps=1e-4)
     inference = _learner(folder, arch_name, tmp_path)
     inference.model.load_state_dict(learn.model_ema.state_dict())
     _same_outputs(learn.model_ema, inference.model, _batch(learn))
