@@ -10,7 +10,8 @@ cfg = cfg['DEFAULT']
 
 def reqs(key): return cfg.get(key, '').split()
 
-extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'wandb', 'tensorboard', 'bench')}
+extras = {k: reqs(f'{k}_requirements') for k in ('demo', 'wandb', 'tensorboard', 'bench', 'test')}
+extras['test'] = sorted({*extras['test'], *(r for e in reqs('test_extras') for r in extras[e])})
 extras['all'] = sorted({r for v in extras.values() for r in v})
 scripts = [s.strip() for s in cfg.get('console_scripts', '').split('\n') if s.strip()]
 

@@ -1,6 +1,6 @@
 """Time one EMA step of fastxtend_ema and its peers on real model shapes, against the one-pass memory bound.
 
-Models are built from `transformers` configs with random weights (nothing is downloaded). The bound is one fp32
+Models are built from `transformers` configs and `timm` names with random weights (nothing is downloaded). The bound is one fp32
 `lerp_` over contiguous buffers with as many elements as fastxtend_ema averages (12 bytes moved per element), for an
 fp32 model and for a bf16 model alike (the ideal mixed step moves 10: the bf16 model read, the fp32 EMA read and
 written). Every implementation runs on prebuilt state, round-robin, so the table shows the per-step cost a training
@@ -9,15 +9,15 @@ the rows are fastxtend_ema's two mixed kernels (staging, compiled: its compile t
 `mul_`+`add_` step they replace, and the peers, which keep a bf16 EMA. Prints a markdown table, writes it (.md), JSON and a PNG;
 `benchmarks/results/` keeps the runs the README quotes.
 
-    python benchmarks/ema_step.py                       # CPU, fp32 models, all five
+    python benchmarks/ema_step.py                       # CPU, fp32 models, all eight
+    python benchmarks/ema_step.py --models 'ResNet-50 (timm)' 'ConvNeXt-T (timm)'   # some of them
     python benchmarks/ema_step.py --dtype bf16          # bf16 models, fp32 EMA
     python benchmarks/ema_step.py --quick               # smoke test: tiny models, few repeats (CI runs this)
     python benchmarks/ema_step.py --device cuda --dtype bf16
 """
-import argparse, json, platform, statistics, sys, time, types, warnings
+import argparse, json, platform, shlex, statistics, sys, time, types, warnings
 from pathlib import Path
 
-sys.modules.setdefault('torchvision', None)  # installed but broken with CPU torch here; transformers must not load it
 import torch
 from torch import nn
 
@@ -38,6 +38,18 @@ def _transformers_models():
             pos_att_type=['p2c', 'c2p'], max_relative_positions=-1, position_biased_input=False)),
         'GPT-2-medium': lambda: GPT2Model(GPT2Config(n_embd=1024, n_layer=24, n_head=16)),
     }
+
+def _timm_models():
+    "The backbones fastai users take from timm (`vision_learner(dls, 'convnext_tiny')`), as timm builds them"
+    def make(name):
+        def build():
+            import timm
+            return timm.create_model(name, pretrained=False)
+        return build
+    return {'ResNet-50 (timm)': make('resnet50'), 'ConvNeXt-T (timm)': make('convnext_tiny'),
+            'EfficientNet-B0 (timm)': make('efficientnet_b0')}
+
+def _all_models(): return {**_transformers_models(), **_timm_models()}
 
 def _tiny_models():
     def mlp(): return nn.Sequential(nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 128))
@@ -235,15 +247,17 @@ def report(title, dtype, rows, impls):
 def plot(rows, impls, path, title):
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    impls = [i for i in impls if any(r.get(i) for r in rows)]   # no empty bars for what did not run
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8/len(impls)
     for i, impl in enumerate(impls):
         ys = [(r[impl]/r['bound_us']) if r.get(impl) else 0 for r in rows]
         ax.bar([j + i*width for j in range(len(rows))], ys, width, label=impl)
-    ax.axhline(1, color='k', lw=0.8, ls='--'); ax.text(len(rows)-0.5, 1.02, 'one-pass bound', ha='right')
+    ax.axhline(1, color='k', lw=0.8, ls='--', label='one-pass bound')
     ax.set_xticks([j + width*(len(impls)-1)/2 for j in range(len(rows))], [r['model'] for r in rows])
-    ax.set_ylabel('time per EMA step / bound (lower is better)'); ax.set_title(title); ax.legend(fontsize=8)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    ax.set_ylabel('time per EMA step / bound (lower is better)'); ax.set_title(title)
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))   # beside the bars, never over them
+    fig.savefig(path, dpi=110, bbox_inches='tight'); plt.close(fig)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -255,6 +269,7 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     p.add_argument('--quick', action='store_true', help='tiny models and 3 repeats: a smoke test, not a measurement')
     p.add_argument('--out', type=Path, default=OUT, help='folder for the JSON and the PNG')
+    p.add_argument('--name', default=None, help='file name of the results, without suffix (default: ema_step_DEVICE_DTYPE)')
     p.add_argument('--warm-cache', action='store_true',
                    help="keep torch's compile cache (default, but for --quick: a fresh one, so the first compile costs what a new machine pays)")
     a = p.parse_args(argv)
@@ -264,12 +279,15 @@ def main(argv=None):
         atexit.register(shutil.rmtree, d, ignore_errors=True)
     if a.threads: torch.set_num_threads(a.threads)
     device = torch.device(a.device)
-    models = _tiny_models() if a.quick else _transformers_models()
-    if a.models: models = {k: v for k, v in {**_tiny_models(), **_transformers_models()}.items() if k in a.models}
+    models = _tiny_models() if a.quick else _all_models()
+    if a.models:
+        known = {**_tiny_models(), **_all_models()}
+        if unknown := [m for m in a.models if m not in known]: p.error(f'--models: unknown {unknown}; known: {list(known)}')
+        models = {m: known[m] for m in a.models}
     impls = a.impls or list(IMPLS)
     reps = a.reps or (3 if a.quick else 10)
     machine = (torch.cuda.get_device_name() if device.type == 'cuda'
-               else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads')
+               else f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread{"s"[:torch.get_num_threads()>1]}')
     title = f'EMA step, {a.dtype} model / fp32 EMA, {machine}, torch {torch.__version__}'
     print(f'# {title}', file=sys.stderr)
     rows = run(models, impls, device, a.dtype, reps)
@@ -277,9 +295,9 @@ def main(argv=None):
     text = report(title, a.dtype, rows, impls)
     print(text)
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"ema_step_{a.device}_{a.dtype}{'_quick' if a.quick else ''}"
+    stem = a.name or f"ema_step_{a.device}_{a.dtype}{'_quick' if a.quick else ''}"
     (a.out/f'{stem}.json').write_text(json.dumps(dict(title=title, machine=machine, rows=rows), indent=1))
-    (a.out/f'{stem}.md').write_text(f'{text}\n\nCommand: `python benchmarks/ema_step.py {" ".join(argv or sys.argv[1:])}`\n')
+    (a.out/f'{stem}.md').write_text(f'{text}\n\nCommand: `python benchmarks/ema_step.py {shlex.join(argv or sys.argv[1:])}`\n')
     plot(rows, impls, a.out/f'{stem}.png', title)
     print(f'\nwrote {a.out/stem}.json, .md and .png', file=sys.stderr)
     return rows

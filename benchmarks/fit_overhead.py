@@ -12,7 +12,6 @@ the runs the README quotes.
 import argparse, json, platform, statistics, sys, time, warnings
 from pathlib import Path
 
-sys.modules.setdefault('torchvision', None)  # installed but broken with CPU torch here
 import torch
 from torch import nn
 from fastai.basics import Learner, DataLoaders, DataLoader, MSELossFlat, SGD, Callback, defaults

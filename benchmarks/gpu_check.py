@@ -23,7 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT/'benchmarks'/'out'
 sys.path.insert(0, str(ROOT/'benchmarks'))
-sys.modules.setdefault('torchvision', None)   # may be installed but broken beside the installed torch
 import torch
 
 def run_pytest(args:list, env:dict|None=None, timeout:int=240) -> dict:
@@ -38,9 +37,9 @@ def run_pytest(args:list, env:dict|None=None, timeout:int=240) -> dict:
 def step_benchmark(device:str, dtype:str, models:list, reps:int) -> list:
     "`benchmarks/ema_step.py`'s measurement, with the share of copy bandwidth reached"
     import ema_step
-    zoo = {**ema_step._tiny_models(), **ema_step._transformers_models()}
+    zoo = {**ema_step._tiny_models(), **ema_step._all_models()}
     impls = ['fastxtend_ema', 'fastxtend_ema (compiled)', 'mul_+add_ (previous mixed step)', 'foreach_lerp_ (prebuilt lists)',
-             'torch AveragedModel', 'ema-pytorch', 'fastxtend 0.1.7 (foreach)']
+             'torch AveragedModel', 'ema-pytorch', 'timm ModelEmaV3', 'fastxtend 0.1.7 (foreach)']
     rows = ema_step.run({k: zoo[k] for k in models}, impls, torch.device(device), dtype, reps)
     for r in rows:
         n = r['params_m']*1e6

@@ -18,12 +18,27 @@ def test_help():
 
 def test_ema_step_quick(tmp_path):
     out = _run('ema_step.py', tmp_path)
-    assert '| one-pass bound (µs) |' in out and '| fastxtend_ema |' in out
+    assert '| one-pass bound (µs) |' in out and '| fastxtend_ema |' in out and '| timm ModelEmaV3 |' in out
     data = json.loads((tmp_path/'ema_step_cpu_fp32_quick.json').read_text())
-    for r in data['rows']:
-        assert r['bound_us'] > 0 and r['fastxtend_ema'] > 0 and r['fastxtend 0.1.7 (foreach)'] > 0
+    for r in data['rows']:   # every peer ran, side by side (timm's needs torchvision importable)
+        for impl in ('fastxtend_ema', 'fastxtend 0.1.7 (foreach)', 'torch AveragedModel', 'ema-pytorch', 'timm ModelEmaV3'):
+            assert r[impl] > 0, (impl, r.get(f'{impl} (why)'))
+        assert r['bound_us'] > 0
         assert r['fastxtend_ema alloc bytes'] == 0   # no temporary allocated by the step
     assert (tmp_path/'ema_step_cpu_fp32_quick.png').stat().st_size > 1000
+
+def test_ema_step_models(tmp_path):
+    "The model list holds timm's backbones, built offline; a name not in it is an error that names it"
+    out = _run('ema_step.py', tmp_path, '--models', 'CNN-20k', '--impls', 'fastxtend_ema', 'timm ModelEmaV3', '--name', 'named')
+    assert '| timm ModelEmaV3 |' in out and (tmp_path/'named.json').exists()
+    bad = subprocess.run([sys.executable, str(ROOT/'benchmarks'/'ema_step.py'), '--models', 'ResNet-5O'], capture_output=True, text=True)
+    assert bad.returncode != 0 and 'ResNet-5O' in bad.stderr and 'ResNet-50 (timm)' in bad.stderr, bad.stderr[-2000:]
+    sys.path.insert(0, str(ROOT/'benchmarks'))
+    try:
+        import ema_step
+        m = ema_step._timm_models()['ResNet-50 (timm)']()
+    finally: sys.path.remove(str(ROOT/'benchmarks'))
+    assert 25e6 < sum(p.numel() for p in m.parameters()) < 26e6   # timm's resnet50, random weights
 
 def test_fit_overhead_quick(tmp_path):
     out = _run('fit_overhead.py', tmp_path)

@@ -32,6 +32,14 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_test_one():
     assert 'pip install' in install and 'fastxtend_ema.demo' in install
     assert tests in (ROOT/'.ci'/'run').read_text(), 'the CI script must run the README test command'
 
+def test_every_pip_install_pins_torch_and_torchvision():
+    "The constraint file pins both exactly, and every pip install of the README and of CI passes it (no newer torch sneaks in)"
+    pins = [l.split() for l in (ROOT/'.ci'/'constraints.txt').read_text().splitlines() if l.strip() and not l.startswith('#')]
+    assert {p[0].split('==')[0] for p in pins} == {'torch', 'torchvision'} and all('==' in p[0] for p in pins), pins
+    text = (ROOT/'README.md').read_text(encoding='utf-8') + (ROOT/'.ci'/'run').read_text()
+    installs = re.findall(r'pip install[^&\n]*', text)
+    assert installs and all('-c .ci/constraints.txt' in i for i in installs), installs
+
 def test_version_has_one_source():
     import fastxtend_ema
     assert fastxtend_ema.__version__ == _settings()['version']
@@ -40,11 +48,26 @@ def test_version_has_one_source():
     assert pyproject['project']['name'] == _settings()['lib_name']
     assert not re.search(r'__version__\s*=\s*["\']\d', (ROOT/'fastxtend_ema'/'__init__.py').read_text())
 
+def _setup_kwargs() -> dict:
+    "What setup.py passes to `setuptools.setup`, read without building anything"
+    code = ("import json, runpy, setuptools; got = {}; setuptools.setup = lambda **k: got.update(k); "
+            f"runpy.run_path({str(ROOT/'setup.py')!r}); "
+            "print(json.dumps(dict(install_requires=got['install_requires'], extras=got['extras_require'])))")
+    return json.loads(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+
+def _names(reqs) -> set[str]: return {re.split(r'[<>=!~\[; ]', r, maxsplit=1)[0].lower() for r in reqs}
+
 def test_extras():
-    s = _settings()
-    for extra in ('dev', 'wandb', 'tensorboard'): assert s[f'{extra}_requirements'].split()
-    assert 'fastai>=2.8' in s['requirements'].split()
-    assert 'torchvision' not in s['requirements']
+    "The callback needs torch, fastai and fastcore alone; the demo's and the test suite's needs are extras of their own"
+    kw = _setup_kwargs()
+    assert _names(kw['install_requires']) == {'torch', 'fastai', 'fastcore'}, kw['install_requires']
+    extras = {k: _names(v) for k,v in kw['extras'].items()}
+    assert set(extras) == {'demo', 'test', 'bench', 'wandb', 'tensorboard', 'all'}, extras
+    assert extras['demo'] == {'scikit-learn', 'matplotlib'}   # what fastxtend_ema.demo imports besides fastai
+    # the suite runs the demo, the benchmarks and both loggers, and its vision tests need timm (torchvision comes with fastai)
+    assert extras['demo'] | extras['bench'] | extras['wandb'] | extras['tensorboard'] | {'timm', 'nbdev', 'pytest'} <= extras['test']
+    assert extras['all'] == set().union(*(v for k,v in extras.items() if k != 'all'))
+    assert not {'torch', 'torchvision'} & set().union(*extras.values())   # their versions are the constraint file's alone
 
 def test_import_does_not_need_torchvision_or_change_fastai():
     # fastai's own modules patch Learner when imported: import them first, then check what importing this package adds

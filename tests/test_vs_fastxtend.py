@@ -159,8 +159,8 @@ def fx(fx_proc, ours):
         pytest.fail(f'the fastxtend subprocess failed (rc={fx_proc.returncode}):\n{err[-4000:]}')
     res = json.loads(lines[-1][len('@@JSON@@'):])
     if 'import_error' in res:
-        pytest.fail(f'fastxtend=={FASTXTEND_VERSION} is not importable ({res["import_error"]}); it is a dev requirement: '
-                    f'pip install -c .ci/constraints.txt -e ".[dev]"')
+        pytest.fail(f'fastxtend=={FASTXTEND_VERSION} is not importable ({res["import_error"]}); it is a test requirement: '
+                    f'pip install -c .ci/constraints.txt -e ".[test]"')
     assert res['version'] == FASTXTEND_VERSION, f'these tests describe fastxtend {FASTXTEND_VERSION}, found {res["version"]}'
     return res
 
