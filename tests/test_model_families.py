@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from PIL import Image
 from fastai.basics import Learner, CrossEntropyLossFlat
+from fastai.metrics import accuracy, mae, foreground_acc
 from fastai.vision.all import (vision_learner, unet_learner, resnet18, ImageDataLoaders, SegmentationDataLoaders,
                                ConvLayer, Flatten)
 from fastai.vision.models.unet import DynamicUnet
@@ -278,3 +279,38 @@ def test_transformers_model():
     quiet(learn, 'fit', 1)
     assert diverged(learn)
     assert_ema_is_model(learn, two_sizes(learn.dls.one_batch()[:1]))
+
+
+# ----------------------------------------------------------------------------- issue 17.1: EMA columns are fastai's scores
+
+def assert_columns_are_fastais(learn):
+    "The last epoch's `ema_*` columns equal fastai's own `validate()` of the model with the EMA's weights loaded"
+    names = list(learn.recorder.metric_names[1:])
+    row = dict(zip(names, learn.recorder.values[-1]))
+    keep = {k:v.detach().clone() for k,v in learn.model.state_dict().items()}
+    try:
+        learn.model.load_state_dict(learn.model_ema.state_dict())
+        ref = quiet(learn, 'validate')
+    finally: learn.model.load_state_dict(keep)
+    want = dict(zip(['valid_loss'] + [m.name for m in learn.metrics], ref))
+    assert set(want) and all(f'ema_{k}' in row for k in want), (names, want)
+    for k,v in want.items(): assert abs(row[f'ema_{k}'] - v) <= 1e-4*max(1., abs(v)), (k, row[f'ema_{k}'], v)
+
+@pytest.mark.parametrize('family', ['vision', 'unet', 'tabular'])
+def test_both_columns_are_fastais_validation(tmp_path, family):
+    "`validate_ema='both'`: each `ema_*` column is what fastai's validation of the EMA weights gives, for each family"
+    cb = EMACallback(decay=0.5, validate_ema='both')
+    if family == 'vision':
+        learn = vision_learner(image_dls(tmp_path), resnet18, pretrained=False, metrics=accuracy, cbs=cb)
+    elif family == 'unet': learn = unet(tmp_path, cbs=cb); learn.metrics = [foreground_acc]
+    else:
+        rng = np.random.default_rng(0)
+        df = pd.DataFrame({'a': rng.normal(size=64), 'b': rng.normal(size=64), 'c': rng.choice(list('xyz'), 64)})
+        df['y'] = (df.a + (df.c == 'x')).astype('float32')
+        dls = TabularDataLoaders.from_df(df, procs=[Categorify, Normalize], cat_names=['c'], cont_names=['a', 'b'],
+                                         y_names='y', y_block=RegressionBlock(), bs=16, valid_idx=list(range(48, 64)),
+                                         device='cpu', num_workers=0)
+        learn = tabular_learner(dls, layers=[8, 8], n_out=1, metrics=mae, cbs=cb)
+    quiet(learn, 'fit', 2)
+    assert diverged(learn)
+    assert_columns_are_fastais(learn)
