@@ -464,9 +464,12 @@ def sweep(self:PostHocEMA,
 ) -> pd.DataFrame: # One row per (`sigma_rel`, `bias`): `valid_loss`, the metrics, and `best`, True on the best row
     "Validate the rebuilt EMA over a grid of widths and biases: the table, and validation loss against `sigma_rel` plotted"
     from fastxtend_ema.callback import recompute_bn as _bn
-    sigma_rels = [0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25] if sigma_rels is None else list(sigma_rels)
-    biases = [_check_bias(b) for b in ((biases,) if isinstance(biases, (int, float)) else biases)]
+    one = lambda v: isinstance(v, (str, bytes)) or not hasattr(v, '__iter__')   # a single value, not a grid
+    if sigma_rels is None: sigma_rels = [0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25]
+    sigma_rels,biases = ([v] if one(v) else list(v) for v in (sigma_rels, biases))
+    biases = [_check_bias(b) for b in biases]
     if not sigma_rels or not biases: raise ValueError('sweep needs at least one value in sigma_rels and in biases')
+    sigma_rel_to_gamma(sigma_rels)   # every width checked before anything is validated
     names = ['valid_loss'] + [m.name for m in self.learn.metrics]
     rows,best = [],(math.inf, None)
     for s in sigma_rels:

@@ -149,6 +149,8 @@ def test_bad_arguments_are_named(tmp_path):
     with pytest.raises(ValueError, match='bias must be finite'): cb.sweep([0.1], biases=(0., float('nan')), ax=False)
     with pytest.raises(TypeError, match='bias must be a real number'): cb.sweep([0.1], biases='0.1', ax=False)
     with pytest.raises(ValueError, match='biases'): cb.sweep([0.1], biases=(), ax=False)
+    with pytest.raises(TypeError, match='bias must be a real number, got None'): cb.sweep([0.1], biases=None, ax=False)
+    with pytest.raises(ValueError, match='sigma_rel must be in'): cb.sweep([0.1, 0.5], ax=False)   # before any validation
     assert all(torch.equal(v, before[n]) for n, v in learn.model.state_dict().items())
     assert not hasattr(learn, 'model_ema')
 
@@ -175,6 +177,8 @@ def test_sweep_is_a_table_with_the_best_row_marked(tmp_path):
     plain = cb.sweep(sigmas, ax=False)
     assert list(plain.sigma_rel) == sigmas and (plain.bias == 0).all()
     assert list(plain.valid_loss) == list(table.valid_loss[table.bias == 0])
+    one = cb.sweep(0.1, biases=0.1, ax=False)   # single values, not grids
+    assert len(one) == 1 and one.best.all() and one.valid_loss[0] == table.valid_loss[(table.sigma_rel == 0.1) & (table.bias == 0.1)].item()
 
 def test_sweep_figure_keeps_its_labels_inside_when_saved(tmp_path):
     import matplotlib.pyplot as plt
