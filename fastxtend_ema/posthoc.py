@@ -9,6 +9,7 @@ from __future__ import annotations
 import math, warnings
 from pathlib import Path
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn, Tensor
 from fastcore.basics import patch
@@ -19,13 +20,13 @@ from .update import unwrap_model, check_state, named_tensors
 from .averager import Averager, make_averager, is_sharded, check_ema_state, ModelEMA
 from .decay import check_every
 from .loggers import is_training_fit
-from .checkpoint import read_file
+from .checkpoint import read_file, save_atomic
 from .callback import (EMABase, _check_device, _check_dtype, _check_flag, _check_name, _Loaded,
                                     check_holders, ema_holders, validate_weights)
 
 # %% auto #0
-__all__ = ['GAMMA_SIGMA_MAX', 'SIGMA_REL_MAX', 'gamma_to_sigma_rel', 'sigma_rel_to_gamma', 'power_beta', 'power_ema_weights',
-           'profile_dot', 'solve_coefficients', 'profile_error', 'reconstruct', 'PostHocEMA']
+__all__ = ['GAMMA_SIGMA_MAX', 'SIGMA_REL_MAX', 'THETA_0', 'gamma_to_sigma_rel', 'sigma_rel_to_gamma', 'power_beta',
+           'power_ema_weights', 'profile_dot', 'solve_coefficients', 'profile_error', 'reconstruct', 'PostHocEMA']
 
 # %% ../nbs/08_posthoc.ipynb #242cf932
 GAMMA_SIGMA_MAX = (math.sqrt(5.) - 3.)/2.   # the gamma of the widest profile, a root of gamma**2 + 3 gamma + 1
@@ -180,6 +181,7 @@ class PostHocEMA(EMABase):
         skip_ema:bool=True, # Skip batches whose optimizer step did not happen
         all_parameters:bool=False, # Average frozen parameters too
         all_buffers:bool=False, # Average non-persistent floating buffers too
+        keep_raw:bool=True, # Keep the training weights in every snapshot, and theta_0, for `synthesize`'s `bias`
         name:str|None=None, # Its name: `learn.<name>` (default `post_hoc_ema`), `models/file.<name>.pth` (default `posthoc`)
     ):
         Callback.__init__(self)
@@ -199,7 +201,7 @@ class PostHocEMA(EMABase):
         if not isinstance(folder, str) or not folder: raise TypeError(f'folder must be a folder name, got {folder!r}')
         self.validate_on,self.folder = validate_on,folder
         self.ema_device,self.ema_dtype = _check_device(ema_device),_check_dtype(ema_dtype)
-        for n,v in (('skip_ema', skip_ema), ('all_parameters', all_parameters), ('all_buffers', all_buffers)): setattr(self, n, _check_flag(v, n))
+        for n,v in (('skip_ema', skip_ema), ('all_parameters', all_parameters), ('all_buffers', all_buffers), ('keep_raw', keep_raw)): setattr(self, n, _check_flag(v, n))
         self.emas,self._skipped = [],False
         self.reset()
 
@@ -231,8 +233,9 @@ class PostHocEMA(EMABase):
         self._report_footprint(total)
 
     def before_train(self):
-        "Newly trainable weights join the tracked EMAs (their value now is their EMA so far)"
+        "`theta_0` before the tracking's first step; newly trainable weights join the tracked EMAs (their value now is their EMA so far)"
         self.__dict__['_pending'] = None
+        self._write_theta0()
         for a in self.emas: a.track_trainable()
 
     def after_cancel_step(self): self._skipped = True
@@ -264,21 +267,37 @@ class PostHocEMA(EMABase):
         return self.emas[self.sigma_rels.index(self.validate_on)]
 
 # %% ../nbs/08_posthoc.ipynb #29ad09f0
+THETA_0 = 'theta_0.pt'   # the training weights the tracking began with, in the snapshot folder
+
+@patch
+def _cpu(self:PostHocEMA, tensors:dict) -> dict:
+    "`tensors` as written to the snapshot folder: on the CPU, floating ones in `snapshot_dtype`"
+    return {n:(v.to(self.snapshot_dtype) if v.is_floating_point() else v).cpu() for n,v in tensors.items()}
+
+@patch
+def _write(self:PostHocEMA, name:str, state:dict):
+    "Write `state` as `name` in the snapshot folder (`save_atomic`: synced, then moved in; a crash never leaves half a file)"
+    self.path.mkdir(parents=True, exist_ok=True)
+    save_atomic(state, self.path/name)
+
 @patch
 def snapshot(self:PostHocEMA):
-    "Write the tracked EMAs as they are now (rank 0); every rank keeps the list of snapshots"
+    "Write the tracked EMAs as they are now, and the training weights (`keep_raw`), on rank 0; every rank keeps the list"
     t = self.t_updated
     if not t or any(s == t for s,_ in self.snapshots): return
     name = f'snapshot-{t:010d}.pt'
     if not rank_distrib():
-        self.path.mkdir(parents=True, exist_ok=True)
-        cast = lambda v: v.to(self.snapshot_dtype) if v.is_floating_point() else v
-        state = dict(format=1, t=t, sigma_rels=list(self.sigma_rels), gammas=list(self.gammas),
-                     tensors=[{n:cast(v).cpu() for n,v in a.tensors().items()} for a in self.emas])
-        tmp = self.path/f'.{name}.tmp'
-        torch.save(state, tmp)
-        tmp.replace(self.path/name)
+        raw = self._cpu(unwrap_model(self.learn.model).state_dict()) if self.keep_raw else None
+        self._write(name, dict(format=2, t=t, sigma_rels=list(self.sigma_rels), gammas=list(self.gammas),
+                               tensors=[self._cpu(a.tensors()) for a in self.emas], raw=raw, raw_t=self.t))
     self.snapshots.append((t, name))
+
+# %% ../nbs/08_posthoc.ipynb #e8afdcc9
+@patch
+def _write_theta0(self:PostHocEMA):
+    "Before the tracking's first step, write `theta_0`: the training weights it begins with (`keep_raw`, rank 0)"
+    if self.t == 0 and self.keep_raw and not rank_distrib():
+        self._write(THETA_0, dict(format=1, tensors=self._cpu(unwrap_model(self.learn.model).state_dict())))
 
 # %% ../nbs/08_posthoc.ipynb #737fc826
 @patch
@@ -299,12 +318,15 @@ def _nbytes(n:float) -> str:
 def _report_footprint(self:PostHocEMA, total:int):
     "Print the disk the snapshots of a fit of `total` training batches take, if every batch makes an optimizer step"
     size = lambda t: t.numel()*(torch.finfo(self.snapshot_dtype).bits//8 if t.is_floating_point() else t.element_size())
-    per = len(self.emas)*sum(size(t) for t in self.emas[0].module.state_dict().values())
+    model = sum(size(t) for t in self.emas[0].module.state_dict().values())
+    per,theta_0 = (len(self.emas) + self.keep_raw)*model,model if self.keep_raw and self.t == 0 else 0
     u,t0,t1 = self.update_every,self.t,self.t + total
     due = {(m//u)*u for m in range((t0//self.every + 1)*self.every, t1 + 1, self.every)} | {(t1//u)*u}   # and the fit's end
     n = len(due - {0} - {t for t,_ in self.snapshots})
     if not rank_distrib():
-        print(f'PostHocEMA: up to {n} snapshots of {_nbytes(per)} in this fit, {_nbytes(n*per)} in all, in {self.path}')
+        each = f'{len(self.emas)} EMA{"s"*(len(self.emas) > 1)}' + (' and the training weights' if self.keep_raw else '')
+        print(f'PostHocEMA: up to {n} snapshots of {_nbytes(per)} ({each}) in this fit{", and theta_0" if theta_0 else ""}, '
+              f'{_nbytes(n*per + theta_0)} in all, in {self.path}')
 
 # %% ../nbs/08_posthoc.ipynb #f76ca84d
 _POSTHOC_KEYS = frozenset({'format', 't', 't_updated', 'every', 'sigma_rels', 'snapshots', 'emas', 'checkpoint'})
@@ -373,15 +395,33 @@ def coefficients(self:PostHocEMA,
     x = solve_coefficients(np.repeat([t for t,_ in snaps], g), np.tile(self.gammas, len(snaps)), at, sigma_rel_to_gamma(sigma_rel))
     return snaps,x.reshape(len(snaps), g)
 
-# %% ../nbs/08_posthoc.ipynb #07b911c1
+# %% ../nbs/08_posthoc.ipynb #dab56582
+def _check_bias(bias) -> float:
+    "`bias` as a float, or an error naming it"
+    if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)):
+        raise TypeError(f'bias must be a real number, got {bias!r}')
+    if not math.isfinite(bias): raise ValueError(f'bias must be finite, got {bias!r}')
+    return float(bias)
+
+@patch
+def _drift(self:PostHocEMA, snap:tuple) -> dict:
+    "`theta_t - theta_0` in float64: the training weights in snapshot `snap` minus those the tracking began with"
+    t,name = snap
+    raw,f = read_file(self.path/name, mmap=True).get('raw'),self.path/THETA_0
+    if raw is None: raise ValueError(f'bias needs the training weights at step {t}, and {self.path/name} holds none: '
+                                     'snapshots hold them with PostHocEMA(keep_raw=True), the default (older versions never wrote them)')
+    if not f.exists(): raise ValueError(f'bias needs theta_0, the training weights the tracking began with, and {f} does '
+                                        'not exist: PostHocEMA(keep_raw=True) writes it at the first step (copy it with the snapshots)')
+    theta_0 = read_file(f, mmap=True)['tensors']
+    if set(theta_0) != set(raw): raise ValueError(f'{f} does not hold the weights of the model in {self.path/name}')
+    return {n:v.double().sub_(theta_0[n]) for n,v in raw.items() if v.is_floating_point()}
+
 @patch
 @torch.no_grad()
-def synthesize(self:PostHocEMA,
-    sigma_rel:float, # Relative width of the wanted EMA (any in (0, 0.3])
-    at:int|None=None, # Step of the wanted EMA (a snapshot's, for an exact profile); `None`: the last snapshot's
-) -> nn.Module:
-    "The EMA of width `sigma_rel` at step `at`, rebuilt from the snapshots: a module in eval mode"
+def _rebuild(self:PostHocEMA, sigma_rel:float, at:int|None=None, drift:bool=False) -> tuple:
+    "The float64 sum of the snapshots rebuilding width `sigma_rel` at `at`, the last snapshot read, `_drift` if asked"
     snaps,x = self.coefficients(sigma_rel, at)
+    d = self._drift(snaps[-1]) if drift else None
     acc,last = {},None
     for (t,name),coefs in zip(snaps, x):
         last = read_file(self.path/name, mmap=True)
@@ -390,9 +430,26 @@ def synthesize(self:PostHocEMA,
                 if not v.is_floating_point(): continue
                 if n in acc: acc[n].add_(v, alpha=float(c))   # in place, in float64
                 else: acc[n] = v.double().mul_(float(c))
+    return acc,last,d
+
+@patch
+def _module(self:PostHocEMA, acc:dict, last:dict, drift:dict|None=None, bias:float=0.) -> nn.Module:
+    "A module of the model's architecture in eval mode holding `acc + bias*drift`, in the EMA dtypes"
+    if bias: acc = {n:v.add(drift[n], alpha=bias) for n,v in acc.items()}
     module = make_averager(unwrap_model(self.learn.model), ema_dtype=self.ema_dtype).module   # a copy, EMA dtypes
     module.load_state_dict({n:acc.get(n, v) for n,v in last['tensors'][0].items()})   # cast to the module's dtypes
     return module.eval()
+
+# %% ../nbs/08_posthoc.ipynb #07b911c1
+@patch
+def synthesize(self:PostHocEMA,
+    sigma_rel:float, # Relative width of the wanted EMA (any in (0, 0.3])
+    at:int|None=None, # Step of the wanted EMA (a snapshot's, for an exact profile); `None`: the last snapshot's
+    bias:float=0., # Add `bias*(theta_t - theta_0)`: the training weights at `at` minus those at the start
+) -> nn.Module:
+    "The EMA of width `sigma_rel` at step `at`, rebuilt from the snapshots, bias-corrected: a module in eval mode"
+    bias = _check_bias(bias)
+    return self._module(*self._rebuild(sigma_rel, at, drift=bias != 0), bias=bias)
 
 # %% ../nbs/08_posthoc.ipynb #5b87178b
 @patch
@@ -408,32 +465,49 @@ def validate_module(self:PostHocEMA,
 @patch
 def sweep(self:PostHocEMA,
     sigma_rels=None, # Widths to try; default: 0.02 to 0.25
+    biases=(0.,), # Bias corrections to try with each width (`synthesize`'s `bias`)
     at:int|None=None, # Step of the rebuilt EMAs; `None`: the last snapshot's
     recompute_bn:bool=False, # Recompute BatchNorm statistics of each rebuilt EMA on training batches first
-    keep_best:bool=False, # Make the width with the lowest validation loss `learn.model_ema`
+    keep_best:bool=False, # Make the pair with the lowest validation loss `learn.model_ema`
     ax=None, # Matplotlib axes to plot on; `False`: no plot
-) -> list[dict]: # One row per width: `sigma_rel`, `valid_loss` and the metrics
-    "Validate the rebuilt EMA over a grid of widths; the table, and validation loss against `sigma_rel` plotted"
+) -> pd.DataFrame: # One row per (`sigma_rel`, `bias`): `valid_loss`, the metrics, and `best`, True on the best row
+    "Validate the rebuilt EMA over a grid of widths and biases: the table, and validation loss against `sigma_rel` plotted"
     from fastxtend_ema.callback import recompute_bn as _bn
-    sigma_rels = [0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25] if sigma_rels is None else list(sigma_rels)
+    one = lambda v: isinstance(v, (str, bytes)) or not hasattr(v, '__iter__')   # a single value, not a grid
+    if sigma_rels is None: sigma_rels = [0.02, 0.03, 0.05, 0.07, 0.1, 0.13, 0.16, 0.2, 0.25]
+    sigma_rels,biases = ([v] if one(v) else list(v) for v in (sigma_rels, biases))
+    biases = [_check_bias(b) for b in biases]
+    if not sigma_rels or not biases: raise ValueError('sweep needs at least one value in sigma_rels and in biases')
+    sigma_rel_to_gamma(sigma_rels)   # every width checked before anything is validated
     names = ['valid_loss'] + [m.name for m in self.learn.metrics]
-    rows,best = [],None
+    rows,best = [],(math.inf, None)
     for s in sigma_rels:
-        m = self.synthesize(s, at)
-        if recompute_bn: _bn(m, self.learn.dls.train)
-        r = dict(sigma_rel=s, **dict(zip(names, self.validate_module(m))))
-        rows.append(r)
-        if best is None or r['valid_loss'] < best[0]['valid_loss']: best = (r, m)
-    if keep_best: self.learn.model_ema = best[1]
-    if ax is not False: self._plot_sweep(rows, ax)
-    return rows
+        rebuilt = self._rebuild(s, at, drift=any(biases))
+        for b in biases:
+            m = self._module(*rebuilt, bias=b)
+            if recompute_bn: _bn(m, self.learn.dls.train)
+            rows.append(dict(sigma_rel=s, bias=b, **dict(zip(names, self.validate_module(m)))))
+            if rows[-1]['valid_loss'] < best[0]: best = (rows[-1]['valid_loss'], m)
+    table = pd.DataFrame(rows)
+    table['best'] = (table['valid_loss'] == table['valid_loss'].min()) & ~table['valid_loss'].duplicated()
+    if keep_best:
+        if best[1] is None: warnings.warn('sweep: every validation loss is nan, no best EMA to keep')
+        else: self.learn.model_ema = best[1]
+    if ax is not False: self._plot_sweep(table, ax)
+    return table
 
 # %% ../nbs/08_posthoc.ipynb #a9f5e029
 @patch
-def _plot_sweep(self:PostHocEMA, rows:list, ax=None):
+def _plot_sweep(self:PostHocEMA, table, ax=None):
+    "Validation loss against `sigma_rel` from a `sweep` table: a line per bias, the tracked widths dotted, the best starred"
     import matplotlib.pyplot as plt
-    if ax is None: _,ax = plt.subplots(figsize=(6, 3))
-    ax.plot([r['sigma_rel'] for r in rows], [r['valid_loss'] for r in rows], 'o-')
+    if ax is None: _,ax = plt.subplots(figsize=(6, 3), layout='constrained')   # room for the labels, saved or shown
+    for b,rows in table.groupby('bias', sort=True):
+        rows = rows.sort_values('sigma_rel')
+        ax.plot(rows['sigma_rel'], rows['valid_loss'], 'o-', ms=4, label=f'bias {b:g}')
     for s in self.sigma_rels: ax.axvline(s, color='grey', ls=':', lw=0.8)
+    best = table[table['best']]
+    ax.plot(best['sigma_rel'], best['valid_loss'], '*', color='black', ms=12, label='best')
     ax.set_xlabel('sigma_rel (tracked: dotted)'); ax.set_ylabel('validation loss'); ax.set_title('post-hoc EMA sweep')
+    ax.legend(fontsize=8)
     return ax

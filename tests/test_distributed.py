@@ -305,6 +305,7 @@ def test_posthoc_ema_under_ddp(ddp):
     a, b = r0['posthoc'], r1['posthoc']
     assert a['snapshots'] == b['snapshots'] and len(a['snapshots']) == 3   # steps 2, 4 (end of the 2nd epoch: 3 per epoch)
     assert a['files'] == [n for _, n in a['snapshots']] and b['files'] == []
+    assert a['theta_0'] and not b['theta_0']
     for ea, eb in zip(a['emas'], b['emas']): assert_close(ea, eb)
 
 def test_posthoc_ema_refuses_fsdp2(fsdp_fastai):

@@ -155,6 +155,7 @@ def main(out, res):
     cb = learn.post_hoc_ema
     rec['snapshots'] = list(cb.snapshots)
     rec['files'] = sorted(p.name for p in cb.path.glob('snapshot-*.pt')) if cb.path.exists() else []
+    rec['theta_0'] = (cb.path/'theta_0.pt').exists()   # the weights the tracking began with: rank 0 writes them too
     rec['emas'] = [cpu_state(a.module.state_dict()) for a in cb.emas]
 
     # load right after save, on every rank, while rank 0 is slow to write the EMA file (SaveModelCallback's
