@@ -96,6 +96,7 @@ def reader_display():
 
 # -- outputs a reader can review ------------------------------------------------------------------------------------
 _ADDRESS = re.compile(r'\b0x[0-9a-fA-F]{6,}\b')
+_GLOG = re.compile(r'[WIEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ ')
 _STAMP = re.compile(r'\b\d{4}-\d\d-\d\d[ T]\d\d:\d\d|\bTotal time\b')
 def _paths():
     "Absolute paths of this machine that must not reach a stored output"
@@ -115,6 +116,8 @@ def tidy(outputs: list, where: str) -> list:
     res = []
     for o in outputs:
         o = dict(o)
+        if o['output_type'] == 'stream':   # torch's own log lines (glog format: level, date, time, pid) are not the cell's
+            o['text'] = [l for l in ''.join(o['text']).splitlines(keepends=True) if not _GLOG.match(l)]
         if o['output_type'] == 'stream' and not ''.join(o['text']).strip(): continue
         if o['output_type'] in ('display_data', 'execute_result'):
             o['metadata'] = {}
