@@ -604,7 +604,7 @@ def _horizon(self:EMACallback,
     return (age/total if total else 0.),p,total
 
 @patch
-def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.45):
+def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.5):
     "Warn when the EMA's weighted age at the end of the fit is more than `limit` of the steps it averages"
     steps,how = _step_batches(self.learn, n_epoch, n_iter, self.skip_ema)
     share,start_share,n = self._horizon(n_epoch, n_iter, steps)

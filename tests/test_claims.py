@@ -414,8 +414,8 @@ def test_readme_posthoc_ema(tmp_path, capsys):
     check_eq(len(cb.emas), 2)
     assert cb.snapshots and all((cb.path/name).exists() for _,name in cb.snapshots)
     rows = cb.sweep([0.03, 0.15], ax=False)
-    check_eq([r['sigma_rel'] for r in rows], [0.03, 0.15])
-    assert all(np.isfinite(r['valid_loss']) for r in rows)
+    check_eq(list(rows.sigma_rel), [0.03, 0.15])
+    assert np.isfinite(rows.valid_loss).all() and rows.best.sum() == 1
     m = cb.synthesize(0.15)
     assert type(m) is type(learn.model) and not m.training
     check_eq(list(m.state_dict()), list(learn.model.state_dict()))

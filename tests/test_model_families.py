@@ -154,7 +154,7 @@ def test_unet_posthoc_sweep_recompute_bn(tmp_path):
     learn = unet(tmp_path, PostHocEMA(sigma_rels=(0.05, 0.1), snapshot_every=1))
     quiet(learn, 'fit', 1)
     with learn.no_bar(), learn.no_logging(): rows = learn.post_hoc_ema.sweep([0.05, 0.1], recompute_bn=True, ax=False)
-    assert [r['sigma_rel'] for r in rows] == [0.05, 0.1] and all(np.isfinite(r['valid_loss']) for r in rows)
+    assert list(rows.sigma_rel) == [0.05, 0.1] and np.isfinite(rows.valid_loss).all()
     m = learn.post_hoc_ema.synthesize(0.1)
     xb = learn.dls.one_batch()[:1]
     keep, was = {k:v.detach().clone() for k,v in learn.model.state_dict().items()}, learn.model.training
