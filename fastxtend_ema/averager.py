@@ -40,15 +40,20 @@ def _counters_ok(state:dict) -> bool:
             and all(isinstance(k, str) and isinstance(v, Tensor) for k,v in state['tensors'].items()))
 
 # %% ../nbs/01_averager.ipynb #f894402c
+def _format_of(state, newest:int, what:str, where:str):
+    "The format number `state` declares; a `ValueError` naming `where` if it is newer than this version reads"
+    f = state.get('format') if isinstance(state, dict) else None
+    if isinstance(f, int) and not isinstance(f, bool) and f > newest:
+        raise ValueError(f'{where} has {what} format {f}, newer than this version of fastxtend_ema reads (1 to {newest}): '
+                         'upgrade fastxtend_ema to read it')
+    return f
+
 def check_ema_state(
     state, # What an EMA file held, or an averager's `state()`
     where:str='EMA state', # The file or object it came from, for error messages
 ) -> dict:
     "`state` in the current format, or a `ValueError` naming `where` if it is no EMA state this version can read"
-    f = state.get('format') if isinstance(state, dict) else None
-    if isinstance(f, int) and not isinstance(f, bool) and f > EMA_FORMAT:
-        raise ValueError(f'{where} has EMA format {f}, newer than this version of fastxtend_ema reads (1 to {EMA_FORMAT}): '
-                         'upgrade fastxtend_ema to read it')
+    f = _format_of(state, EMA_FORMAT, 'EMA', where)
     keys = {1: _FORMAT_1_KEYS, 2: EMA_STATE_KEYS}.get(f) if isinstance(f, int) and not isinstance(f, bool) else None
     if keys is None or set(state) != keys:
         got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__

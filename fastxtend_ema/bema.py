@@ -13,9 +13,8 @@ from torch import nn, Tensor
 from fastcore.basics import patch
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
-from fastai.learner import _maybe_item
 from .update import unwrap_model, select_tensors, named_tensors, make_ema_module, check_state
-from .averager import check_ema_state, is_sharded
+from .averager import check_ema_state, is_sharded, _format_of
 from .decay import as_fraction
 from .checkpoint import read_file, holder_file, weights_fingerprint, _model_state, _stale
 from .callback import EMACallback, _Plan, _Loaded
@@ -75,10 +74,7 @@ def check_bema_state(
     where:str='BEMA state', # The file or object it came from, for error messages
 ) -> dict:
     "`state` checked, or a `ValueError` naming `where` if it is no BEMA state this version can read"
-    f = state.get('format') if isinstance(state, dict) else None
-    if isinstance(f, int) and not isinstance(f, bool) and f > BEMA_FORMAT:
-        raise ValueError(f'{where} has BEMA format {f}, newer than this version of fastxtend_ema reads (1 to {BEMA_FORMAT}): '
-                         'upgrade fastxtend_ema to read it')
+    f = _format_of(state, BEMA_FORMAT, 'BEMA', where)
     if f != BEMA_FORMAT or isinstance(f, bool) or set(state) != BEMA_STATE_KEYS:
         got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f'{where} is not a BEMA state: expected a dict with keys {sorted(BEMA_STATE_KEYS)}, got {got}')

@@ -611,7 +611,7 @@ def _check_horizon(self:EMACallback, n_epoch:int, n_iter:int, limit:float=0.5):
     if n == 0 or share <= limit: return
     d,cls = self._constant_decay,type(self).__name__
     what = (f'decay={d:.6g} averages over about {1/(1-d):,.0f} steps' if d is not None else
-            f'its decays average over too many of them')
+            'its decays average over too many of them')
     fix = (f'use a shorter horizon such as half_life={max(1, round(n/20))} (steps)' if d is not None else
            f'use decays whose horizon 1/(1-decay) is a few percent of the fit, e.g. final_decay={1-20/n:.4g}'
            if isinstance(self, EMASchedule) else 'use a decay form whose horizon 1/(1-decay) is a few percent of the fit')

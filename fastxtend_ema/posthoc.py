@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn, Tensor
+from torch import nn
 from fastcore.basics import patch
 from fastai.callback.core import Callback
-from fastai.learner import Learner
 from fastai.torch_core import rank_distrib
 from .update import unwrap_model, check_state, named_tensors
 from .averager import Averager, make_averager, is_sharded, check_ema_state, ModelEMA
